@@ -1,0 +1,358 @@
+"""Run configuration: frozen dataclasses, flat TOML presets and typed `--set` overrides.
+
+The defaults are the paper's PCB + CSALR setting (Chen et al., IJCAI 2020, section 4.2); a
+preset in `presets/` states what its row changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from reidkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "market1501"  # prepared dataset name (short names accepted: market, duke, ...)
+    root: str = ""  # empty: $REIDKIT_DATA, else ~/data (see `data_root`)
+    height: int = 384  # the paper's input size, 384x128 (section 4.2)
+    width: int = 128
+    flip: float = 0.5  # random horizontal flip probability, as in the paper
+    random_erasing: float = 0.0  # probability; off in the paper, common in later baselines
+    pad_crop: int = 0  # pixels of zero padding before a random crop back to size; 0 = off
+    sampler: Literal["random", "identity"] = "random"  # PCB samples images uniformly
+    instances: int = 4  # K images per identity when sampler = "identity" (P = batch / K)
+    workers: int = 4  # DataLoader worker processes; 0 loads in the main process
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"  # the paper's backbone
+    pretrained: bool = True  # ImageNet weights, as in the paper
+    weights: str = ""  # torchvision ImageNet checkpoint file; empty = look in torch's hub cache
+    last_stride: int = 1  # PCB: 384x128 -> 24x8 final map
+    head: Literal["pcb", "rpp"] = "pcb"
+    parts: int = 6  # PCB's six horizontal stripes
+    reduced: int = 256  # per-part 1x1 reduction of PCB
+    dropout: float = 0.5  # before each part classifier, as in PCB
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    kind: Literal["none", "sa", "csa", "csalr"] = "csalr"
+    stages: tuple[int, ...] = (1, 2, 3)  # after ResNet stages 1-3, as in the paper
+    groups: int = 2  # multi-head form; 2 was best in the paper's Table 3
+    grid: tuple[int, int] = (12, 8)  # 96 landmarks; divides 96x32, 48x16 and 24x8 maps
+    qk_ratio: float = 0.25  # C' = C/4 for Q and K, as in the authors' code
+    bases: int = 32  # CSA's learned bases per group (Chen et al., AAAI 2020)
+    deep_supervision: bool = True  # one CE branch per module (eq. 18)
+    ds_weight: float = 1.0  # lambda in eq. 18
+    recompute: bool = False  # recompute attention modules in backward: less memory, more time
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100  # the paper trains 100 epochs in all (PCB-RPP: 40 PCB + 60 RPP)
+    rpp_epochs: int = 0  # the last `rpp_epochs` of `epochs` train RPP, initialised from PCB
+    rpp_classifier_epochs: int = 10  # RPP stage: part classifier alone before fine-tuning all
+    # The step schedule counts epochs across both stages, so RPP starts at the decayed rate
+    # (0.01), as PCB's authors fine-tune RPP.
+    batch_size: int = 64
+    lr: float = 0.1  # new layers: heads, attention, deep supervision
+    trunk_lr_mult: float = 0.1  # pretrained trunk at 0.1x the base rate
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    step_size: int = 40  # x gamma every 40 epochs
+    gamma: float = 0.1
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA when supported
+    channels_last: bool = True  # faster convolutions on CUDA; ignored on CPU
+    seed: int = 0
+    eval_every: int = 0  # evaluate on query/gallery every N epochs; 0 = never
+    log_every: int = 10  # progress-bar refresh in steps
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    feature: Literal["g", "h"] = "g"  # g: 6x2048 pooled parts (PCB's test feature); h: 6x256
+    flip: bool = False  # average with the flipped image; the paper does not use it
+    ap_mode: Literal["torchreid", "official"] = "torchreid"
+    max_rank: int = 50
+    rerank: bool = False  # k-reciprocal re-ranking; the paper reports without it
+    batch_size: int = 128
+    index: Literal["flat", "ivf", "hnsw"] = "flat"  # exact search unless the gallery is huge
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's Table 1 for one dataset, in percent."""
+
+    rank1: float
+    rank5: float
+    rank10: float
+    mAP: float  # noqa: N815 - the field's name is the metric's
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paper: dict[str, PaperRow] = field(default_factory=dict)  # dataset name -> Table 1 row
+
+
+SECTIONS = ("data", "model", "attention", "train", "eval")
+
+
+def presets_dir() -> Path:
+    """The folder of shipped presets: inside an installed wheel, or at the repository top."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "presets", package.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"no presets folder found beside {package}; reinstall reidkit")
+
+
+def available_presets() -> dict[str, Path]:
+    """Preset name -> file, sorted by name."""
+    return {p.stem: p for p in sorted(presets_dir().glob("*.toml"))}
+
+
+def preset_description(path: Path) -> str:
+    """The `description` line of a preset file, without building the whole config."""
+    with open(path, "rb") as f:
+        return str(tomllib.load(f).get("description", ""))
+
+
+def load_preset(name_or_path: str | Path = "smoke", overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Build a RunConfig from a shipped preset name or a TOML file, then apply `section.key=value`s."""
+    path = _resolve_preset(name_or_path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"preset {path} is not valid TOML: {err}") from None
+    config = config_from_dict(raw, source=str(path), default_name=path.stem)
+    return apply_overrides(config, overrides)
+
+
+def _resolve_preset(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    if text.endswith(".toml") or os.sep in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} does not exist")
+        return path
+    presets = available_presets()
+    if text not in presets:
+        raise ConfigError(
+            f"unknown preset {text!r}; choose one of {', '.join(presets)} or give a .toml path"
+        )
+    return presets[text]
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config", default_name: str = "custom") -> RunConfig:
+    """Typed RunConfig from plain data (a preset or a checkpoint's `config`); unknown keys fail."""
+    top_level = {"name", "description", "paper", *SECTIONS}
+    unknown = sorted(set(raw) - top_level)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(top_level))}"
+        )
+    sections = {}
+    for section in SECTIONS:
+        cls = _section_class(section)
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        kwargs = {}
+        for key, value in values.items():
+            kwargs[key] = _coerce(section, key, value, source)
+        sections[section] = cls(**kwargs)
+    paper = {}
+    for dataset, row in raw.get("paper", {}).items():
+        try:
+            paper[dataset] = PaperRow(**{k: float(v) for k, v in row.items()})
+        except TypeError:
+            valid = ", ".join(f.name for f in fields(PaperRow))
+            raise ConfigError(f"{source}: [paper.{dataset}] needs exactly {valid}") from None
+    config = RunConfig(
+        name=str(raw.get("name", default_name)),
+        description=str(raw.get("description", "")),
+        paper=paper,
+        **sections,
+    )
+    validate(config)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain data (str, int, float, bool, list, dict): TOML- and checkpoint-safe."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
+    """Apply `section.key=value` strings, each typed from the dataclass field it names."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=5")
+        dotted, text = item.split("=", 1)
+        section, _, key = dotted.strip().partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"override {dotted!r}: the key must be one of {_valid_keys()}")
+        value = _coerce(section, key, text.strip(), f"--set {dotted}")
+        updated = replace(getattr(config, section), **{key: value})
+        config = replace(config, **{section: updated})
+    validate(config)
+    return config
+
+
+def _section_class(section: str) -> type:
+    return {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "attention": AttentionConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }[section]
+
+
+def _valid_keys() -> str:
+    return ", ".join(
+        f"{section}.{f.name}" for section in SECTIONS for f in fields(_section_class(section))
+    )
+
+
+def _coerce(section: str, key: str, value: Any, source: str) -> Any:
+    """Convert a TOML value or a command-line string to the type of `section.key`."""
+    hints = typing.get_type_hints(_section_class(section))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys: {_valid_keys()}")
+    hint = hints[key]
+    try:
+        return _convert(hint, value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: bad value {value!r} for {section}.{key} ({err})") from None
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str):
+            items = [v for v in value.replace(" ", "").split(",") if v != ""]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in items)
+        if len(items) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values")
+        return tuple(_convert(a, v) for a, v in zip(args, items, strict=True))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in {"true", "1", "yes", "on"}:
+            return True
+        if text in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError("expected true or false")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ValueError("expected a string")
+        return str(value)
+    raise TypeError(f"unsupported type {hint}")
+
+
+def stage_map_size(config: RunConfig, stage: int) -> tuple[int, int]:
+    """Feature-map (H, W) after ResNet stage 1-4 for the configured input size."""
+    stride = {1: 4, 2: 8, 3: 16, 4: 32 if config.model.last_stride == 2 else 16}[stage]
+    return config.data.height // stride, config.data.width // stride
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks that would otherwise fail deep inside a run."""
+    data, model, attn, train = config.data, config.model, config.attention, config.train
+    if data.height % 32 or data.width % 32:
+        raise ConfigError(
+            f"data.height x data.width = {data.height}x{data.width} must be multiples of 32"
+        )
+    if model.last_stride not in (1, 2):
+        raise ConfigError("model.last_stride must be 1 (PCB) or 2 (plain ResNet)")
+    final_h = stage_map_size(config, 4)[0]
+    if final_h < model.parts:
+        raise ConfigError(
+            f"the final map has {final_h} rows, fewer than model.parts = {model.parts}; "
+            "raise data.height or lower model.parts"
+        )
+    if attn.kind != "none":
+        bad = [s for s in attn.stages if s not in (1, 2, 3, 4)]
+        if bad or not attn.stages or len(set(attn.stages)) != len(attn.stages):
+            raise ConfigError(
+                f"attention.stages = {attn.stages}: give distinct stages from 1-4, e.g. 1,2,3"
+            )
+        if attn.groups < 1:
+            raise ConfigError("attention.groups must be at least 1")
+        if not 0 < attn.qk_ratio <= 1:
+            raise ConfigError("attention.qk_ratio must be in (0, 1]")
+        if attn.kind == "csalr":
+            for stage in attn.stages:
+                h, w = stage_map_size(config, stage)
+                gh, gw = attn.grid
+                if gh < 1 or gw < 1 or h % gh or w % gw:
+                    raise ConfigError(
+                        f"attention.grid = {gh}x{gw} does not divide the {h}x{w} map after stage "
+                        f"{stage} at {data.height}x{data.width} input; choose a grid whose sides "
+                        "divide every attended map, e.g. attention.grid=6,4"
+                    )
+    if data.sampler == "identity" and (data.instances < 1 or train.batch_size % data.instances):
+        raise ConfigError(
+            f"train.batch_size = {train.batch_size} must be a multiple of data.instances = "
+            f"{data.instances} for the identity sampler"
+        )
+    if model.head == "rpp" and not 0 < train.rpp_epochs <= train.epochs:
+        raise ConfigError(
+            "model.head = rpp needs 0 < train.rpp_epochs <= train.epochs (the paper: 100 and 60)"
+        )
+    if model.head == "pcb" and train.rpp_epochs:
+        raise ConfigError("train.rpp_epochs is set but model.head = pcb; set model.head=rpp")
+    if train.epochs < 1 or train.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be at least 1")
+
+
+def data_root(config_root: str = "") -> Path:
+    """Where prepared datasets live: the given root, else $REIDKIT_DATA, else ~/data."""
+    text = config_root or os.environ.get("REIDKIT_DATA", "") or "~/data"
+    return Path(text).expanduser()

@@ -1,0 +1,1 @@
+"""Datasets: specs, preparation, synthetic data and loading."""

@@ -1,0 +1,1 @@
+"""Engine: checkpoints, training, extraction and evaluation."""

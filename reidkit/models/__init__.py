@@ -1,0 +1,1 @@
+"""Models: ResNet trunk, attention modules, PCB/RPP heads."""

@@ -1,0 +1,1 @@
+"""Retrieval: metrics, indexes and figures; imports no model code."""
