@@ -1,0 +1,152 @@
+"""Self-describing checkpoints: weights, config as plain data, training state; saved atomically.
+
+Every value is a tensor, a number, a string, a list or a dict, so `torch.load(weights_only=True)`
+reads it without unpickling arbitrary objects: a checkpoint from someone else is safe to open.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reidkit import __version__
+from reidkit.config import RunConfig, config_from_dict, config_to_dict
+from reidkit.errors import CheckpointError, ConfigError
+
+FORMAT = "reidkit-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, typed."""
+
+    config: RunConfig
+    model: dict[str, torch.Tensor]
+    num_ids: int
+    epoch: int  # completed epochs (0-based count); training resumes at this epoch
+    head: str  # "pcb" or "rpp": the head the weights belong to (an RPP run starts as PCB)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    version: str = __version__
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename over `path`.
+
+    A crash or kill at any moment leaves either the previous file or the new one, never a
+    truncated `path`.
+    """
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "reidkit": checkpoint.version,
+        "config": config_to_dict(checkpoint.config),
+        "model": checkpoint.model,
+        "num_ids": int(checkpoint.num_ids),
+        "epoch": int(checkpoint.epoch),
+        "head": checkpoint.head,
+        "optimizer": checkpoint.optimizer,
+        "scheduler": checkpoint.scheduler,
+        "rng": checkpoint.rng,
+        "history": checkpoint.history,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint without pickle; anything else fails with one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `reidkit train`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds Python objects that only pickle can load, which could run code; "
+            "reidkit checkpoints never need it (re-save the weights as a plain state dict)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a reidkit checkpoint (no '{FORMAT}' marker); give a file written by "
+            "`reidkit train` (runs/<name>/last.pt)"
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by reidkit {payload.get('reidkit')} in a newer format; "
+            f"upgrade reidkit (this is {__version__})"
+        )
+    try:
+        config = config_from_dict(payload["config"], source=f"{path} config")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its config does not load here: {err}") from None
+    return Checkpoint(
+        config=config,
+        model=payload["model"],
+        num_ids=int(payload["num_ids"]),
+        epoch=int(payload["epoch"]),
+        head=str(payload.get("head", config.model.head)),
+        optimizer=payload.get("optimizer"),
+        scheduler=payload.get("scheduler"),
+        rng=payload.get("rng"),
+        history=list(payload.get("history", [])),
+        version=str(payload.get("reidkit", "unknown")),
+    )
+
+
+def capture_rng() -> dict[str, Any]:
+    """Random states of torch (CPU and CUDA), numpy and Python as checkpoint-safe plain data."""
+    np_state = np.random.get_state()
+    python_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,144 @@
+"""Config: presets, typed overrides and cross-field validation."""
+
+from pathlib import Path
+
+import pytest
+
+from reidkit.config import (
+    RunConfig,
+    apply_overrides,
+    available_presets,
+    config_from_dict,
+    config_to_dict,
+    data_root,
+    load_preset,
+    stage_map_size,
+)
+from reidkit.errors import ConfigError
+
+
+def test_defaults_are_the_papers_setting():
+    config = RunConfig()
+    assert (config.data.height, config.data.width) == (384, 128)
+    assert config.model.arch == "resnet50" and config.model.last_stride == 1
+    assert config.attention.kind == "csalr" and config.attention.stages == (1, 2, 3)
+    assert config.attention.groups == 2 and config.attention.grid == (12, 8)
+    assert config.train.batch_size == 64 and config.train.epochs == 100
+    assert (config.train.lr, config.train.trunk_lr_mult) == (0.1, 0.1)
+    assert (config.train.step_size, config.train.gamma) == (40, 0.1)
+
+
+def test_overrides_are_typed_from_the_dataclass():
+    config = apply_overrides(
+        RunConfig(),
+        [
+            "attention.grid=6,4",
+            "attention.stages=2,3",
+            "train.epochs=7",
+            "train.lr=0.02",
+            "model.pretrained=false",
+            "attention.kind=sa",
+        ],
+    )
+    assert config.attention.grid == (6, 4)
+    assert config.attention.stages == (2, 3)
+    assert config.train.epochs == 7 and isinstance(config.train.epochs, int)
+    assert config.train.lr == 0.02
+    assert config.model.pretrained is False
+    assert config.attention.kind == "sa"
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.epochz=3", "valid keys: data.dataset"),
+        ("nosection.x=1", "data.dataset"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.epochs=many", "train.epochs"),
+        ("model.pretrained=maybe", "true or false"),
+        ("attention.kind=transformer", "none, sa, csa, csalr"),
+        ("attention.grid=6", "2 comma-separated"),
+        ("train.epochs", "section.key=value"),
+    ],
+)
+def test_bad_override_names_the_key_and_the_fix(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(RunConfig(), [override])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_grid_that_does_not_divide_a_stage_map_is_refused():
+    # 384x128 input: stage maps 96x32, 48x16, 24x8; 5 rows divide none of them
+    with pytest.raises(ConfigError, match="does not divide the 96x32 map after stage 1"):
+        apply_overrides(RunConfig(), ["attention.grid=5,4"])
+    # the same grid is fine when attention is off
+    assert apply_overrides(RunConfig(), ["attention.kind=none", "attention.grid=5,4"])
+
+
+def test_stage_map_sizes_follow_last_stride():
+    config = RunConfig()
+    assert [stage_map_size(config, s) for s in (1, 2, 3, 4)] == [
+        (96, 32),
+        (48, 16),
+        (24, 8),
+        (24, 8),
+    ]
+    plain = apply_overrides(config, ["model.last_stride=2"])
+    assert stage_map_size(plain, 4) == (12, 4)
+
+
+def test_rpp_needs_rpp_epochs_and_pcb_refuses_them():
+    with pytest.raises(ConfigError, match="rpp_epochs"):
+        apply_overrides(RunConfig(), ["model.head=rpp"])
+    with pytest.raises(ConfigError, match="model.head=rpp"):
+        apply_overrides(RunConfig(), ["train.rpp_epochs=10"])
+
+
+def test_identity_sampler_needs_batch_divisible_by_instances():
+    with pytest.raises(ConfigError, match="multiple of data.instances"):
+        apply_overrides(RunConfig(), ["data.sampler=identity", "data.instances=5"])
+
+
+def test_every_shipped_preset_loads_and_round_trips():
+    presets = available_presets()
+    assert "smoke" in presets
+    for name in presets:
+        config = load_preset(name)
+        assert config.name == name
+        assert config.description, f"preset {name} has no description"
+        assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_preset_from_a_file_path(tmp_path: Path):
+    path = tmp_path / "mine.toml"
+    path.write_text('description = "mine"\n[train]\nepochs = 3\n[attention]\nkind = "none"\n')
+    config = load_preset(path, ["train.batch_size=8"])
+    assert config.name == "mine"
+    assert config.train.epochs == 3 and config.train.batch_size == 8
+    assert config.attention.kind == "none"
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_preset("pcb-transformer")
+    assert "smoke" in str(err.value)
+
+
+def test_preset_with_unknown_key_fails_with_the_file_name(tmp_path: Path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(ConfigError, match=r"typo\.toml: unknown key train\.epoch"):
+        load_preset(path)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_preset(broken)
+
+
+def test_data_root_prefers_argument_then_environment(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("REIDKIT_DATA", str(tmp_path / "env"))
+    assert data_root(str(tmp_path / "arg")) == tmp_path / "arg"
+    assert data_root("") == tmp_path / "env"
+    monkeypatch.delenv("REIDKIT_DATA")
+    assert data_root("") == Path("~/data").expanduser()
