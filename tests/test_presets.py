@@ -1,0 +1,76 @@
+"""The paper presets carry section 4.2's settings and Table 1's numbers (typed in from the paper)."""
+
+import pytest
+
+from reidkit.config import PaperRow, available_presets, load_preset
+
+# Table 1 of Chen et al. (IJCAI 2020): R-1, R-5, R-10, mAP for Market-1501, DukeMTMC-reID, CUHK03-NP.
+TABLE_1 = {
+    "pcb": [(92.3, 97.2, 98.2, 77.4), (81.7, 89.7, 91.9, 66.1), (59.7, 77.7, 85.2, 53.2)],
+    "pcb-sa": [(93.8, 97.7, 98.5, 82.2), (85.3, 92.7, 94.8, 73.4), (65.9, 82.3, 88.4, 62.7)],
+    "pcb-csa": [(93.7, 98.2, 98.8, 82.3), (85.5, 92.8, 94.5, 73.5), (67.2, 83.9, 88.9, 63.7)],
+    "pcb-csalr": [(93.9, 97.8, 98.6, 82.4), (86.1, 93.2, 95.1, 74.0), (67.6, 82.4, 88.4, 64.0)],
+    "pcb-rpp": [(93.8, 97.5, 98.5, 81.6), (83.3, 90.5, 92.5, 69.2), (62.8, 79.8, 86.8, 56.7)],
+    "pcb-rpp-sa": [(93.3, 97.5, 98.7, 83.2), (84.9, 92.8, 94.7, 72.9), (66.1, 84.0, 89.0, 64.6)],
+    "pcb-rpp-csa": [(93.9, 97.8, 98.8, 83.5), (85.4, 93.1, 94.5, 73.1), (67.4, 83.6, 89.1, 65.0)],
+    "pcb-rpp-csalr": [(94.0, 98.1, 98.8, 83.8), (85.4, 93.3, 95.0, 73.8), (68.8, 84.4, 89.1, 65.3)],
+}
+DATASETS = ("market1501", "dukemtmc-reid", "cuhk03-np")
+ATTENTION = {"": "none", "-sa": "sa", "-csa": "csa", "-csalr": "csalr"}
+
+
+def test_every_paper_row_has_a_preset():
+    assert set(TABLE_1) | {"smoke"} == set(available_presets())
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_1))
+def test_paper_preset_settings(name):
+    config = load_preset(name)
+    rpp = name.startswith("pcb-rpp")
+    suffix = name.removeprefix("pcb-rpp" if rpp else "pcb")
+    # section 4.2
+    assert (config.data.height, config.data.width, config.data.flip) == (384, 128, 0.5)
+    assert config.model.arch == "resnet50" and config.model.pretrained
+    assert config.model.last_stride == 1 and config.model.parts == 6
+    assert config.train.batch_size == 64 and config.train.epochs == 100
+    assert config.train.lr == 0.1 and config.train.lr * config.train.trunk_lr_mult == pytest.approx(0.01)
+    assert (config.train.momentum, config.train.weight_decay) == (0.9, 1e-4)
+    assert (config.train.step_size, config.train.gamma) == (40, 0.1)
+    # PCB-RPP: 40 epochs of PCB, then 60 of RPP
+    assert config.model.head == ("rpp" if rpp else "pcb")
+    assert config.train.epochs - config.train.rpp_epochs == (40 if rpp else 100)
+    # attention: three modules after stages 1-3, deep supervision with lambda = 1
+    assert config.attention.kind == ATTENTION[suffix]
+    if config.attention.kind != "none":
+        assert config.attention.stages == (1, 2, 3)
+        assert config.attention.deep_supervision and config.attention.ds_weight == 1.0
+    if config.attention.kind == "csalr":
+        grid = config.attention.grid
+        assert grid[0] * grid[1] == 96 and config.attention.groups == 2
+    if config.attention.kind == "sa":
+        assert config.attention.groups == 1  # the paper did not run multi-head SA
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_1))
+def test_paper_preset_carries_table_1(name):
+    config = load_preset(name)
+    for dataset, row in zip(DATASETS, TABLE_1[name], strict=True):
+        assert config.paper[dataset] == PaperRow(*row)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        # Table 2: landmarks per group 24 / 48 / 96 / 192 with 2 groups
+        (["attention.grid=6,4"], "grid", (6, 4)),
+        (["attention.grid=12,4"], "grid", (12, 4)),
+        (["attention.grid=24,8"], "grid", (24, 8)),
+        # Table 3: groups 1 / 2 / 4 / 8
+        (["attention.groups=8"], "groups", 8),
+        # Table 4: stages {1}, {2, 3}
+        (["attention.stages=1"], "stages", (1,)),
+        (["attention.stages=2,3"], "stages", (2, 3)),
+    ],
+)
+def test_ablations_are_reachable_with_set(overrides, field, expected):
+    assert getattr(load_preset("pcb-csalr", overrides).attention, field) == expected
