@@ -1,0 +1,246 @@
+"""Dataset specs (layout, file-name pattern, published counts) and the manifest format."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from reidkit.errors import DatasetError
+
+# The three evaluation splits, in manifest order, and the Market-1501 folder that holds each.
+SPLITS = ("train", "query", "gallery")
+SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+
+# Pid and camera from a Market-style file name, e.g. `0002_c1s1_000451_03.jpg` -> 2, 1.
+# The camera id is kept as the file name writes it (c1 -> 1): no shift anywhere in reidkit.
+FILENAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
+JUNK_PID = -1  # Market-1501's badly detected boxes: dropped everywhere
+DISTRACTOR_PID = 0  # Market-1501's distractors: kept in the gallery as negatives
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("path", "pid", "camid", "split")
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+DEFAULT_VARIANT = "detected"  # the paper's CUHK03-NP boxes; the only name one-variant sets accept
+
+
+@dataclass(frozen=True)
+class PublishedCounts:
+    """Counts a prepared split must match; the gallery's identities are not published for all."""
+
+    train_ids: int
+    train_images: int
+    query_ids: int
+    query_images: int
+    gallery_images: int
+    cameras: int  # distinct cameras over all three splits
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One published set of boxes inside a dataset's extracted folder."""
+
+    subfolder: str  # below the extracted folder; "" when the split folders sit at its top
+    default_name: str  # folder under ROOT that `prepare` writes the manifest to
+    counts: PublishedCounts
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where an official dataset comes from, how it is laid out and what it must contain."""
+
+    name: str  # canonical name, also the default folder under ROOT
+    title: str  # as the dataset's paper spells it
+    archive: str  # the official archive's file name
+    folder: str  # the folder the archive extracts to
+    cameras: int
+    availability: str  # why reidkit cannot fetch it: said when no source is found
+    variants: Mapping[str, VariantSpec] = field(hash=False)
+    pattern: re.Pattern[str] = FILENAME_PATTERN
+    extensions: tuple[str, ...] = (".jpg", ".png")
+
+    @property
+    def archive_names(self) -> tuple[str, ...]:
+        """The official archive's name in every accepted form: .zip, .tar, .tar.gz, .tgz."""
+        stem = strip_archive_suffix(self.archive)
+        return tuple(stem + suffix for suffix in ARCHIVE_SUFFIXES)
+
+    def variant(self, name: str = DEFAULT_VARIANT) -> VariantSpec:
+        """The box set called `name`; a dataset with one set accepts only the default name."""
+        if name in self.variants:
+            return self.variants[name]
+        if len(self.variants) == 1:
+            if name == DEFAULT_VARIANT:
+                return next(iter(self.variants.values()))
+            raise DatasetError(
+                f"{self.name} has a single set of boxes; --variant ({DEFAULT_VARIANT} or "
+                "labeled) applies to cuhk03-np only"
+            )
+        raise DatasetError(
+            f"unknown variant {name!r} for {self.name}; choose one of {', '.join(self.variants)}"
+        )
+
+
+def _single(name: str, counts: PublishedCounts) -> Mapping[str, VariantSpec]:
+    return {"default": VariantSpec(subfolder="", default_name=name, counts=counts)}
+
+
+# Counts from each dataset's paper and the CUHK03-NP protocol (Zhong et al., CVPR 2017).
+DATASETS: dict[str, DatasetSpec] = {
+    "market1501": DatasetSpec(
+        name="market1501",
+        title="Market-1501",
+        archive="Market-1501-v15.09.15.zip",
+        folder="Market-1501-v15.09.15",
+        cameras=6,
+        availability="its official download link is dead",
+        variants=_single(
+            "market1501",
+            # gallery: 19,732 files minus 3,819 junk (pid -1); the 2,793 distractors (pid 0) stay
+            PublishedCounts(751, 12_936, 750, 3_368, 15_913, cameras=6),
+        ),
+    ),
+    "dukemtmc-reid": DatasetSpec(
+        name="dukemtmc-reid",
+        title="DukeMTMC-reID",
+        archive="DukeMTMC-reID.zip",
+        folder="DukeMTMC-reID",
+        cameras=8,
+        availability="its authors withdrew it and the official links are dead",
+        variants=_single("dukemtmc-reid", PublishedCounts(702, 16_522, 702, 2_228, 17_661, 8)),
+    ),
+    "cuhk03-np": DatasetSpec(
+        name="cuhk03-np",
+        title="CUHK03-NP",
+        archive="cuhk03-np.zip",
+        folder="cuhk03-np",
+        cameras=2,
+        availability="its official download links are dead",
+        variants={
+            "detected": VariantSpec(
+                "detected", "cuhk03-np", PublishedCounts(767, 7_365, 700, 1_400, 5_332, 2)
+            ),
+            "labeled": VariantSpec(
+                "labeled", "cuhk03-np-labeled", PublishedCounts(767, 7_368, 700, 1_400, 5_328, 2)
+            ),
+        },
+    ),
+}
+
+# Every name a user may type -> canonical name. `custom` and `synthetic` have no spec.
+DATASET_NAMES: dict[str, str] = {
+    "market1501": "market1501",
+    "market": "market1501",
+    "dukemtmc-reid": "dukemtmc-reid",
+    "duke": "dukemtmc-reid",
+    "cuhk03-np": "cuhk03-np",
+    "cuhk03": "cuhk03-np",
+    "custom": "custom",
+    "synthetic": "synthetic",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The canonical dataset name for a name or short name, case-insensitive."""
+    key = name.strip().lower()
+    if key not in DATASET_NAMES:
+        canonical = ", ".join(dict.fromkeys(DATASET_NAMES.values()))
+        raise DatasetError(
+            f"unknown dataset {name!r}; choose one of {canonical} "
+            "(short names: market, duke, cuhk03)"
+        )
+    return DATASET_NAMES[key]
+
+
+def strip_archive_suffix(filename: str) -> str:
+    """`Market-1501-v15.09.15.zip` -> `Market-1501-v15.09.15`; other names unchanged."""
+    lowered = filename.lower()
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return filename[: -len(suffix)]
+    return filename
+
+
+def manifest_path(root: Path, dataset: str) -> Path:
+    """ROOT/<folder>/manifest.csv; official names and short names map to their canonical folder.
+
+    Any other name (a `--name` given to `prepare`, e.g. `cuhk03-np-labeled`) is the folder itself.
+    """
+    try:
+        folder = canonical_name(dataset)
+    except DatasetError:
+        folder = dataset
+    return Path(root).expanduser() / folder / MANIFEST_NAME
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Load a manifest: columns path (absolute str), pid and camid (int64), split (str).
+
+    Relative paths are relative to the manifest's folder. Rows keep the file's order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        folder = path.parent
+        raise DatasetError(
+            f"no manifest at {path}; run `reidkit prepare {folder.name} {folder.parent}` first"
+        )
+    return read_table(path)
+
+
+def read_table(path: Path, *, camid_optional: bool = False) -> pd.DataFrame:
+    """Parse a CSV in manifest form (a manifest, or the CSV a custom dataset is described by).
+
+    With `camid_optional`, a table without a camid column is accepted and returned without one.
+    Relative paths are resolved against the CSV's folder; extra columns are dropped.
+    """
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} is not a readable CSV file ({err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    wanted = [c for c in MANIFEST_COLUMNS if c != "camid" or "camid" in frame.columns]
+    required = [c for c in MANIFEST_COLUMNS if c != "camid" or not camid_optional]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            f"{path} lacks column(s) {', '.join(missing)}; expected columns "
+            f"{','.join(required)}{' and optionally camid' if camid_optional else ''}"
+        )
+    frame = frame[wanted].copy()
+    for column in ("pid", "camid"):
+        if column in frame.columns:
+            frame[column] = _integer_column(frame[column], column, path)
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        row = int(bad_split.to_numpy().argmax())
+        raise DatasetError(
+            f"{path} line {row + 2}: split {frame['split'].iloc[row]!r} is not one of "
+            f"{', '.join(SPLITS)}"
+        )
+    empty = frame["path"].str.strip() == ""
+    if empty.any():
+        raise DatasetError(f"{path} line {int(empty.to_numpy().argmax()) + 2}: empty path")
+    frame["path"] = resolve_paths(frame["path"].tolist(), path.parent)
+    return frame
+
+
+def resolve_paths(paths: list[str], folder: Path) -> list[str]:
+    """Make manifest paths absolute: relative ones are relative to `folder`."""
+    base = os.path.abspath(folder)
+    return [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in paths]
+
+
+def _integer_column(values: pd.Series, column: str, path: Path) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round())
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise DatasetError(
+            f"{path} line {row + 2}: {column} {values.iloc[row]!r} is not an integer"
+        )
+    return numbers.astype("int64")

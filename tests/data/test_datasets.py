@@ -1,0 +1,138 @@
+from pathlib import Path
+
+import pytest
+
+from reidkit.data.datasets import (
+    DATASETS,
+    FILENAME_PATTERN,
+    canonical_name,
+    manifest_path,
+    read_manifest,
+    strip_archive_suffix,
+)
+from reidkit.errors import DatasetError
+
+
+@pytest.mark.parametrize(
+    ("typed", "canonical"),
+    [
+        ("market", "market1501"),
+        ("Market", "market1501"),
+        ("MARKET1501", "market1501"),
+        ("duke", "dukemtmc-reid"),
+        ("DukeMTMC-reID", "dukemtmc-reid"),
+        ("cuhk03", "cuhk03-np"),
+        ("cuhk03-np", "cuhk03-np"),
+        ("Synthetic", "synthetic"),
+        ("custom", "custom"),
+    ],
+)
+def test_short_names_and_case_resolve_to_the_canonical_name(typed, canonical):
+    assert canonical_name(typed) == canonical
+
+
+def test_unknown_dataset_lists_the_valid_names():
+    with pytest.raises(DatasetError) as err:
+        canonical_name("viper")
+    message = str(err.value)
+    assert "'viper'" in message
+    for name in ("market1501", "dukemtmc-reid", "cuhk03-np", "custom", "synthetic"):
+        assert name in message
+
+
+def test_published_counts_are_the_design_tables():
+    market = DATASETS["market1501"].variant().counts
+    assert (market.train_ids, market.train_images) == (751, 12_936)
+    assert (market.query_ids, market.query_images) == (750, 3_368)
+    assert market.gallery_images == 19_732 - 3_819
+    duke = DATASETS["dukemtmc-reid"].variant().counts
+    assert (duke.train_images, duke.query_images, duke.gallery_images) == (16_522, 2_228, 17_661)
+    detected = DATASETS["cuhk03-np"].variant("detected").counts
+    labeled = DATASETS["cuhk03-np"].variant("labeled").counts
+    assert (detected.train_images, detected.gallery_images) == (7_365, 5_332)
+    assert (labeled.train_images, labeled.gallery_images) == (7_368, 5_328)
+    assert [DATASETS[n].cameras for n in ("market1501", "dukemtmc-reid", "cuhk03-np")] == [6, 8, 2]
+
+
+def test_labeled_boxes_default_to_their_own_folder():
+    cuhk = DATASETS["cuhk03-np"]
+    assert cuhk.variant("detected").default_name == "cuhk03-np"
+    assert cuhk.variant("labeled").default_name == "cuhk03-np-labeled"
+    assert cuhk.variant("labeled").subfolder == "labeled"
+
+
+def test_variant_is_refused_where_it_does_not_apply():
+    with pytest.raises(DatasetError, match="cuhk03-np only"):
+        DATASETS["market1501"].variant("labeled")
+    with pytest.raises(DatasetError, match="detected, labeled"):
+        DATASETS["cuhk03-np"].variant("hand")
+
+
+def test_archive_names_accept_zip_and_tar_forms():
+    names = DATASETS["market1501"].archive_names
+    assert "Market-1501-v15.09.15.zip" in names
+    assert "Market-1501-v15.09.15.tar.gz" in names
+    assert "Market-1501-v15.09.15.tar" in names
+    assert strip_archive_suffix("cuhk03-np.TAR.GZ") == "cuhk03-np"
+
+
+@pytest.mark.parametrize(
+    ("name", "pid", "camera"),
+    [
+        ("0002_c1s1_000451_03.jpg", "0002", "1"),
+        ("-1_c3s2_000001_01.jpg", "-1", "3"),
+        ("0001_c2_f0046182.jpg", "0001", "2"),
+        ("0001_c1_1.png", "0001", "1"),
+    ],
+)
+def test_file_name_pattern_reads_pid_and_camera(name, pid, camera):
+    match = FILENAME_PATTERN.match(name)
+    assert (match[1], match[2]) == (pid, camera)
+
+
+def test_manifest_path_resolves_short_names_and_keeps_other_names(tmp_path):
+    assert manifest_path(tmp_path, "duke") == tmp_path / "dukemtmc-reid" / "manifest.csv"
+    assert manifest_path(tmp_path, "Market") == tmp_path / "market1501" / "manifest.csv"
+    labeled = manifest_path(tmp_path, "cuhk03-np-labeled")
+    assert labeled == tmp_path / "cuhk03-np-labeled" / "manifest.csv"
+
+
+def test_missing_manifest_says_to_run_prepare(tmp_path):
+    with pytest.raises(DatasetError, match=r"run `reidkit prepare market1501 .*` first"):
+        read_manifest(manifest_path(tmp_path, "market"))
+
+
+def write_manifest(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def test_manifest_paths_are_resolved_and_types_checked(tmp_path):
+    path = write_manifest(
+        tmp_path / "ds",
+        "path,pid,camid,split\nimgs/a.jpg,3,1,train\n/abs/b.jpg,0,2,gallery\n",
+    )
+    frame = read_manifest(path)
+    assert frame["path"].tolist() == [str(tmp_path / "ds" / "imgs" / "a.jpg"), "/abs/b.jpg"]
+    assert frame["pid"].tolist() == [3, 0]
+    assert str(frame["pid"].dtype) == "int64" and str(frame["camid"].dtype) == "int64"
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("path,pid,split\na.jpg,1,train\n", "lacks column(s) camid"),
+        ("path,pid,camid,split\na.jpg,1,1,test\n", "split 'test' is not one of"),
+        ("path,pid,camid,split\na.jpg,x1,1,train\n", "pid 'x1' is not an integer"),
+        ("path,pid,camid,split\na.jpg,1,1.5,train\n", "camid '1.5' is not an integer"),
+        ("path,pid,camid,split\n,1,1,train\n", "line 2: empty path"),
+    ],
+)
+def test_malformed_manifest_fails_naming_the_problem(tmp_path, text, complaint):
+    path = write_manifest(tmp_path / "ds", text)
+    with pytest.raises(DatasetError) as err:
+        read_manifest(path)
+    assert complaint in str(err.value)
+    assert str(path) in str(err.value)
