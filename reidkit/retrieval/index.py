@@ -1,0 +1,503 @@
+"""Gallery search behind one signature: an exact torch index (the oracle) and FAISS indexes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from reidkit import __version__
+from reidkit.errors import IndexFolderError, ReidkitError
+
+if TYPE_CHECKING:
+    import faiss
+
+KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "exact")
+META_COLUMNS: tuple[str, ...] = ("path", "pid", "camid")
+FOLDER_FILES: tuple[str, ...] = ("index.faiss", "meta.csv", "features.npy", "info.json")
+# info.json keys the caller supplies; save_index_folder adds the rest (see INFO_KEYS).
+CALLER_INFO_KEYS: tuple[str, ...] = ("checkpoint", "feature_kind")
+INFO_KEYS: tuple[str, ...] = (
+    *CALLER_INFO_KEYS,
+    "dim",
+    "num_rows",
+    "index_kind",
+    "normalized",
+    "reidkit_version",
+)
+
+
+class FaissMissingError(ReidkitError, ImportError):
+    """FAISS is not installed; the exact index works without it."""
+
+
+def _pin_openblas_core() -> None:
+    """Name the CPU's OpenBLAS kernel family before faiss loads its bundled OpenBLAS.
+
+    faiss-cpu wheels bundle their own OpenBLAS (0.3.15 in faiss-cpu 1.15.1), which does not
+    recognise recent CPUs (Sapphire Rapids here) and falls back to its generic Prescott SSE3
+    kernels: a batch IndexFlatIP search ran 6x slower (14.6 s against 2.3 s with SkylakeX for
+    3,368 x 15,913 at 2,048-d). OpenBLAS reads OPENBLAS_CORETYPE once, when it loads, so it
+    is set here only when unset, faiss not yet loaded, and only to a family whose
+    instructions /proc/cpuinfo lists.
+    """
+    if "OPENBLAS_CORETYPE" in os.environ or "faiss" in sys.modules:
+        return
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), []
+            )
+    except OSError:
+        return
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags):
+        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+    elif {"avx2", "fma"} <= set(flags):
+        os.environ["OPENBLAS_CORETYPE"] = "Haswell"
+
+
+def import_faiss() -> Any:
+    """The faiss module, or FaissMissingError saying how to install it."""
+    _pin_openblas_core()
+    try:
+        import faiss
+    except ImportError as err:
+        raise FaissMissingError(
+            "faiss is not installed: `pip install faiss-cpu` (or faiss-gpu on a CUDA machine);"
+            " kind='exact' searches without it"
+        ) from err
+    return faiss
+
+
+class SearchIndex(Protocol):
+    """What every index offers: one search signature, higher score = more similar."""
+
+    kind: str
+    normalize: bool
+
+    @property
+    def ntotal(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _as_rows(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} have dimension {x.shape[1]}, the index holds {dim}")
+    return x
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.float32(1e-12))
+
+
+def _check_k(k: int, ntotal: int) -> int:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return min(k, ntotal)
+
+
+class ExactIndex:
+    """Brute-force inner-product search with torch: the oracle the FAISS indexes answer to.
+
+    Scores are inner products (cosine similarities when `normalize`, the default, scales
+    gallery and query rows to unit length). Ties: equal scores come in ascending gallery
+    index, exactly as a stable sort by descending score. `k` is capped at the gallery size.
+    """
+
+    kind = "exact"
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        *,
+        normalize: bool = True,
+        chunk_size: int = 1024,
+        device: str = "cpu",
+    ) -> None:
+        import torch
+
+        features = _as_rows(features, "features")
+        self.normalize = normalize
+        self.chunk_size = chunk_size
+        self.features = l2_normalize(features) if normalize else features
+        self._gallery = torch.from_numpy(self.features).to(device)
+
+    @property
+    def ntotal(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64)."""
+        import torch
+
+        queries = _as_rows(queries, "queries", self.dim)
+        if self.normalize:
+            queries = l2_normalize(queries)
+        k = _check_k(k, self.ntotal)
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        indices = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), self.chunk_size):
+            q = torch.from_numpy(queries[start : start + self.chunk_size]).to(self._gallery.device)
+            sims = q @ self._gallery.T  # (C, N)
+            top, idx = _stable_topk(sims, k)
+            scores[start : start + len(q)] = top.cpu().numpy()
+            indices[start : start + len(q)] = idx.cpu().numpy()
+        return scores, indices
+
+
+def _stable_topk(sims: Any, k: int) -> tuple[Any, Any]:
+    """torch.topk with ties resolved to the lower index, including ties at the k-th place."""
+    import torch
+
+    top, idx = torch.topk(sims, k, dim=1)  # descending, ties in any order
+    kth = top[:, -1:]
+    # Rows where more entries equal the k-th score than were taken: pick the lowest indices.
+    n_ge = (sims >= kth).sum(dim=1)
+    for row in torch.nonzero(n_ge > k).flatten().tolist():
+        cand = torch.nonzero(sims[row] >= kth[row]).flatten()  # ascending index
+        order = torch.sort(sims[row, cand], descending=True, stable=True).indices[:k]
+        idx[row] = cand[order]
+        top[row] = sims[row, idx[row]]
+    # Within the selection, order by (score desc, index asc): sort by index, then stably by score.
+    by_index = torch.sort(idx, dim=1).indices
+    idx = torch.gather(idx, 1, by_index)
+    top = torch.gather(top, 1, by_index)
+    by_score = torch.sort(top, dim=1, descending=True, stable=True).indices
+    return torch.gather(top, 1, by_score), torch.gather(idx, 1, by_score)
+
+
+@dataclass
+class FaissIndex:
+    """A FAISS index over (by default L2-normalised) features, searched by inner product.
+
+    kind "flat" is exact (IndexFlatIP); "ivf" (IndexIVFFlat, `nprobe` lists probed) and
+    "hnsw" (IndexHNSWFlat, `ef_search`) are approximate, for large galleries. Ties: FAISS
+    may order equal scores differently from `ExactIndex`. Rows that an approximate index
+    could not fill (fewer than k candidates in the probed lists) hold index -1, score -inf.
+    """
+
+    index: Any  # faiss.Index, on the GPU when one was used
+    kind: str
+    normalize: bool = True
+    on_gpu: bool = False
+    _gpu_resources: Any = field(default=None, repr=False)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64)."""
+        queries = _as_rows(queries, "queries", self.dim)
+        if self.normalize:
+            queries = l2_normalize(queries)
+        k = _check_k(k, self.ntotal)
+        scores, indices = self.index.search(queries, k)
+        scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
+        return scores, indices.astype(np.int64)
+
+    def cpu_index(self) -> faiss.Index:
+        """The index on the CPU (a copy when it lives on a GPU), as faiss.write_index needs."""
+        if not self.on_gpu:
+            return self.index
+        return import_faiss().index_gpu_to_cpu(self.index)
+
+    def search_params(self) -> dict[str, int]:
+        """The search-time settings that info.json records (faiss files may not keep them)."""
+        faiss = import_faiss()
+        cpu = self.cpu_index()
+        if self.kind == "ivf":
+            return {"nprobe": int(faiss.extract_index_ivf(cpu).nprobe)}
+        if self.kind == "hnsw":
+            return {"ef_search": int(faiss.downcast_index(cpu).hnsw.efSearch)}
+        return {}
+
+
+def _maybe_to_gpu(index: Any, kind: str, use_gpu: bool | None) -> tuple[Any, bool, Any]:
+    """Move to GPU 0 when faiss was built with GPU support and one is present (not HNSW)."""
+    faiss = import_faiss()
+    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if use_gpu is None:
+        use_gpu = has_gpu and kind != "hnsw"  # faiss has no GPU HNSW
+    if not use_gpu:
+        return index, False, None
+    if not has_gpu:
+        raise ValueError("use_gpu=True but faiss has no GPU support or sees no GPU")
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, 0, index), True, resources
+
+
+def build_index(
+    features: np.ndarray,
+    kind: str = "flat",
+    *,
+    normalize: bool = True,
+    nlist: int | None = None,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_construction: int = 80,
+    ef_search: int = 128,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+) -> SearchIndex:
+    """An index over `features` (N, D); every kind answers `search(queries, k)` the same way.
+
+    kind: "flat" (exact FAISS, the default), "ivf" (nlist lists, default about sqrt(N), trained
+    on these features; `nprobe` lists searched), "hnsw" (`hnsw_m` links, `ef_construction`,
+    `ef_search`), or "exact" (torch, no FAISS). `normalize` L2-normalises the features and
+    every query, so the inner-product score is the cosine similarity. `use_gpu=None` moves
+    FAISS indexes to the GPU when faiss has GPU support and sees a GPU.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    features = _as_rows(features, "features")
+    if kind == "exact":
+        return ExactIndex(features, normalize=normalize)
+    faiss = import_faiss()
+    data = l2_normalize(features) if normalize else features
+    n, dim = data.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        # sqrt(N) lists, but no more than N/39: faiss wants about 39 training points per list.
+        nlist = nlist or max(1, min(round(math.sqrt(n)), n // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(data)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    index.add(data)
+    index, on_gpu, resources = _maybe_to_gpu(index, kind, use_gpu)
+    return FaissIndex(index, kind, normalize=normalize, on_gpu=on_gpu, _gpu_resources=resources)
+
+
+# --------------------------------------------------------------------------------------------
+# Index folders: index.faiss, meta.csv, features.npy, info.json
+
+
+@dataclass
+class IndexFolder:
+    """A loaded index folder. `features` is a read-only memory map: rows load when touched."""
+
+    folder: Path
+    index: SearchIndex
+    meta: pd.DataFrame
+    info: dict[str, Any]
+    features: np.ndarray
+
+
+def _rebuild_hint(folder: Path, info: dict[str, Any] | None = None) -> str:
+    checkpoint = (info or {}).get("checkpoint") or "CHECKPOINT"
+    return f"rebuild it with `reidkit extract {checkpoint} --out {folder}`"
+
+
+def save_index_folder(
+    folder: str | Path,
+    index: SearchIndex,
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    info: dict[str, Any],
+) -> Path:
+    """Write index.faiss, meta.csv (path, pid, camid), features.npy and info.json, atomically.
+
+    `info` must hold "checkpoint" (path of the checkpoint that made the features) and
+    "feature_kind" (which embedding, e.g. "pool-12288"); the dimension, row count, index kind,
+    normalisation, search settings and reidkit version are added here. Everything is written
+    into a hidden temporary folder beside `folder`, which then takes the folder's place: an
+    interrupted save leaves `folder` as it was (a previous index stays loadable) and never a
+    partial folder at that path.
+    """
+    folder = Path(folder)
+    features = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+    missing = [key for key in CALLER_INFO_KEYS if key not in info]
+    if missing:
+        raise ValueError(f"info needs {', '.join(missing)} (of {', '.join(CALLER_INFO_KEYS)})")
+    absent = [c for c in META_COLUMNS if c not in meta.columns]
+    if absent:
+        raise ValueError(f"meta lacks column(s) {', '.join(absent)}; it needs path, pid, camid")
+    if features.ndim != 2 or features.shape[1] != index.dim:
+        raise ValueError(
+            f"features shape {features.shape} does not fit an index of dim {index.dim}"
+        )
+    if not len(meta) == len(features) == index.ntotal:
+        raise ValueError(
+            f"rows disagree: meta {len(meta)}, features {len(features)}, index {index.ntotal}"
+        )
+    faiss = import_faiss()
+    if isinstance(index, FaissIndex):
+        cpu_index = index.cpu_index()
+        search_params = index.search_params()
+    else:  # exact: store an exact flat FAISS index of the same rows, so any reader can search
+        cpu_index = faiss.IndexFlatIP(index.dim)
+        cpu_index.add(index.features)
+        search_params = {}
+    full_info = {
+        **info,
+        "dim": int(index.dim),
+        "num_rows": int(index.ntotal),
+        "index_kind": index.kind,
+        "normalized": bool(index.normalize),
+        "reidkit_version": __version__,
+        **search_params,
+    }
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old: Path | None = None
+    try:
+        faiss.write_index(cpu_index, str(tmp / "index.faiss"))
+        meta.loc[:, list(META_COLUMNS) + [c for c in meta.columns if c not in META_COLUMNS]].to_csv(
+            tmp / "meta.csv", index=False
+        )
+        np.save(tmp / "features.npy", features, allow_pickle=False)
+        (tmp / "info.json").write_text(
+            json.dumps(full_info, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        if folder.exists():
+            # A directory cannot be renamed onto a non-empty one: move the old aside first,
+            # so the window without a folder is two renames long, and it is never partial.
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "previous")
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "previous", folder)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    path = folder / "info.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexFolderError(
+            f"{path} is not valid JSON ({err}); {_rebuild_hint(folder)}"
+        ) from None
+    if not isinstance(info, dict):
+        raise IndexFolderError(f"{path} must hold a JSON object; {_rebuild_hint(folder)}")
+    missing = [key for key in INFO_KEYS if key not in info]
+    if missing:
+        raise IndexFolderError(f"{path} lacks {', '.join(missing)}; {_rebuild_hint(folder, info)}")
+    for key in ("dim", "num_rows"):
+        if not isinstance(info[key], int) or isinstance(info[key], bool) or info[key] < 0:
+            raise IndexFolderError(
+                f"{path}: {key} must be a non-negative integer, got {info[key]!r}; "
+                f"{_rebuild_hint(folder, info)}"
+            )
+    if info["index_kind"] not in KINDS:
+        raise IndexFolderError(
+            f"{path}: unknown index_kind {info['index_kind']!r} (expected one of "
+            f"{', '.join(KINDS)}); {_rebuild_hint(folder, info)}"
+        )
+    return info
+
+
+def load_index_folder(folder: str | Path, *, use_gpu: bool | None = None) -> IndexFolder:
+    """Load and cross-check a folder written by `save_index_folder`.
+
+    A missing file, malformed info.json, or rows/dimensions that disagree between info.json,
+    meta.csv, features.npy and index.faiss raise IndexFolderError naming the file and the fix.
+    Nothing is unpickled.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IndexFolderError(f"no index folder at {folder}; {_rebuild_hint(folder)}")
+    absent = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if absent:
+        raise IndexFolderError(
+            f"index folder {folder} is incomplete: {', '.join(absent)} missing; "
+            f"{_rebuild_hint(folder)}"
+        )
+    info = _read_info(folder)
+    hint = _rebuild_hint(folder, info)
+    rows, dim = info["num_rows"], info["dim"]
+
+    meta_path = folder / "meta.csv"
+    try:
+        meta = pd.read_csv(meta_path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise IndexFolderError(f"{meta_path} is unreadable ({err}); {hint}") from None
+    absent = [c for c in META_COLUMNS if c not in meta.columns]
+    if absent:
+        raise IndexFolderError(f"{meta_path} lacks column(s) {', '.join(absent)}; {hint}")
+    if len(meta) != rows:
+        raise IndexFolderError(
+            f"{meta_path} has {len(meta)} rows but info.json says {rows}; {hint}"
+        )
+
+    feats_path = folder / "features.npy"
+    try:
+        features = np.load(feats_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise IndexFolderError(f"{feats_path} is unreadable ({err}); {hint}") from None
+    if features.dtype != np.float32 or features.shape != (rows, dim):
+        raise IndexFolderError(
+            f"{feats_path} holds {features.dtype} {features.shape}, info.json says float32 "
+            f"({rows}, {dim}); {hint}"
+        )
+
+    faiss = import_faiss()
+    index_path = folder / "index.faiss"
+    try:
+        cpu_index = faiss.read_index(str(index_path))
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise IndexFolderError(f"{index_path} is unreadable ({first_line}); {hint}") from None
+    if cpu_index.ntotal != rows or cpu_index.d != dim:
+        raise IndexFolderError(
+            f"{index_path} holds {cpu_index.ntotal} rows of dimension {cpu_index.d}, info.json "
+            f"says {rows} of {dim}; {hint}"
+        )
+
+    kind, normalize = info["index_kind"], bool(info["normalized"])
+    index: SearchIndex
+    if kind == "exact":
+        index = ExactIndex(np.asarray(features), normalize=normalize)
+    else:
+        if kind == "ivf" and "nprobe" in info:
+            faiss.extract_index_ivf(cpu_index).nprobe = int(info["nprobe"])
+        if kind == "hnsw" and "ef_search" in info:
+            faiss.downcast_index(cpu_index).hnsw.efSearch = int(info["ef_search"])
+        gpu_index, on_gpu, resources = _maybe_to_gpu(cpu_index, kind, use_gpu)
+        index = FaissIndex(gpu_index, kind, normalize, on_gpu, resources)
+    return IndexFolder(folder=folder, index=index, meta=meta, info=info, features=features)

@@ -1,0 +1,175 @@
+"""Figures for retrieval: ranked-results montages (PIL) and CMC curves (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from reidkit.errors import DatasetError
+
+MATCH_COLOUR = (0, 170, 0)  # same pid as the query
+MISMATCH_COLOUR = (220, 0, 0)  # another pid
+UNKNOWN_COLOUR = (150, 150, 150)  # pid not given
+QUERY_COLOUR = (30, 30, 30)
+BACKGROUND = (255, 255, 255)
+BORDER = 4  # pixels of colour around each image
+GAP = 4  # pixels between tiles
+QUERY_GAP = 16  # wider gap, with a rule, between the query and its ranked list
+TEXT_HEIGHT = 26  # two lines of PIL's default font under each image
+
+
+@dataclass(frozen=True)
+class MontageRow:
+    """One query and its ranked gallery images (pids and scores optional)."""
+
+    query_path: str | Path
+    ranked_paths: Sequence[str | Path]
+    query_pid: int | None = None
+    ranked_pids: Sequence[int] | None = None
+    scores: Sequence[float] | None = None
+
+
+def _atomic_write(out_path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through a temporary file beside `out_path`, then rename it into place."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _load_tile(path: str | Path, size: tuple[int, int]) -> Image.Image:
+    height, width = size
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"cannot open image {path} for the montage ({err})") from None
+
+
+def _border_colour(query_pid: int | None, pid: int | None) -> tuple[int, int, int]:
+    if query_pid is None or pid is None:
+        return UNKNOWN_COLOUR
+    return MATCH_COLOUR if int(pid) == int(query_pid) else MISMATCH_COLOUR
+
+
+def tile_origin(row: int, column: int, size: tuple[int, int] = (128, 64)) -> tuple[int, int]:
+    """Top-left pixel (x, y) of a tile's coloured border; column 0 is the query."""
+    height, width = size
+    tile_w, tile_h = width + 2 * BORDER, height + 2 * BORDER + TEXT_HEIGHT
+    x = GAP if column == 0 else GAP + tile_w + QUERY_GAP + (column - 1) * (tile_w + GAP)
+    return x, GAP + row * (tile_h + GAP)
+
+
+def render_ranked_montage(
+    rows: Sequence[MontageRow], size: tuple[int, int] = (128, 64)
+) -> Image.Image:
+    """The montage as a PIL image: one row per query, query first, then its ranked list.
+
+    Each gallery image has a border: green when its pid is the query's, red when not, grey
+    when either pid is unknown; rank and score (and pid) are written beneath it. `size` is
+    (height, width) of each image, the re-ID convention (128 x 64 by default).
+    """
+    if not rows:
+        raise ValueError("a montage needs at least one query row")
+    height, width = size
+    tile_w, tile_h = width + 2 * BORDER, height + 2 * BORDER + TEXT_HEIGHT
+    longest = max(len(r.ranked_paths) for r in rows)
+    canvas_w = tile_origin(0, longest, size)[0] + tile_w + GAP if longest else 2 * GAP + tile_w
+    canvas_h = GAP + len(rows) * (tile_h + GAP)
+    canvas = Image.new("RGB", (canvas_w, canvas_h), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+
+    def put(image: Image.Image, x: int, y: int, colour: tuple[int, int, int], lines: list[str]):
+        draw.rectangle([x, y, x + tile_w - 1, y + height + 2 * BORDER - 1], fill=colour)
+        canvas.paste(image, (x + BORDER, y + BORDER))
+        for i, line in enumerate(lines):
+            draw.text(
+                (x + 1, y + height + 2 * BORDER + 1 + 12 * i), line, fill=(0, 0, 0), font=font
+            )
+
+    for r, row in enumerate(rows):
+        n = len(row.ranked_paths)
+        for name, values in (("ranked_pids", row.ranked_pids), ("scores", row.scores)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries for {n} ranked images")
+        x, y = tile_origin(r, 0, size)
+        query_label = "query" if row.query_pid is None else f"query {row.query_pid}"
+        put(_load_tile(row.query_path, size), x, y, QUERY_COLOUR, [query_label])
+        rule_x = x + tile_w + QUERY_GAP // 2
+        draw.line([rule_x, y, rule_x, y + tile_h], fill=(0, 0, 0), width=2)
+        for k, path in enumerate(row.ranked_paths):
+            pid = None if row.ranked_pids is None else row.ranked_pids[k]
+            lines = [f"#{k + 1}" + ("" if row.scores is None else f"  {float(row.scores[k]):.3f}")]
+            if pid is not None:
+                lines.append(f"pid {pid}")
+            x, y = tile_origin(r, k + 1, size)
+            put(_load_tile(path, size), x, y, _border_colour(row.query_pid, pid), lines)
+    return canvas
+
+
+def save_ranked_montage_grid(
+    rows: Sequence[MontageRow], out_path: str | Path, *, size: tuple[int, int] = (128, 64)
+) -> Path:
+    """Write a PNG montage with one row per query (see `render_ranked_montage`), atomically."""
+    image = render_ranked_montage(rows, size)
+    return _atomic_write(out_path, lambda handle: image.save(handle, format="PNG"))
+
+
+def save_ranked_montage(
+    query_path: str | Path,
+    ranked_paths: Sequence[str | Path],
+    out_path: str | Path,
+    *,
+    query_pid: int | None = None,
+    ranked_pids: Sequence[int] | None = None,
+    scores: Sequence[float] | None = None,
+    size: tuple[int, int] = (128, 64),
+) -> Path:
+    """Write a one-query PNG montage: the query, a rule, then its top-k with coloured borders."""
+    row = MontageRow(query_path, ranked_paths, query_pid, ranked_pids, scores)
+    return save_ranked_montage_grid([row], out_path, size=size)
+
+
+def save_cmc_curve(
+    cmc: Sequence[float] | np.ndarray,
+    out_path: str | Path,
+    label: str,
+    *,
+    title: str = "CMC",
+) -> Path:
+    """Write a CMC curve (rank 1..len(cmc) against matching rate in %) as a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cmc = np.asarray(cmc, dtype=np.float64)
+    if cmc.ndim != 1 or len(cmc) == 0:
+        raise ValueError(f"cmc must be a non-empty 1-D array, got shape {cmc.shape}")
+    # A Figure with its own Agg canvas: no pyplot state, no display backend.
+    figure = Figure(figsize=(5, 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    ranks = np.arange(1, len(cmc) + 1)
+    axes.plot(ranks, 100 * cmc, marker="o" if len(cmc) <= 20 else None, markersize=3, label=label)
+    axes.set_xlabel("rank")
+    axes.set_ylabel("matching rate (%)")
+    axes.set_title(f"{title}: rank-1 {100 * cmc[0]:.1f}%")
+    axes.set_xlim(1, max(2, len(cmc)))
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    return _atomic_write(out_path, lambda handle: figure.savefig(handle, format="png"))
