@@ -116,3 +116,47 @@ def prepare(
     else:
         state = "verified against the published counts"
     console.print(f"{'reused existing manifest; ' if result.reused else ''}{state}")
+
+
+@app.command()
+def train(
+    preset: Annotated[
+        str, typer.Option(help="preset name (see `reidkit presets`) or a .toml file")
+    ] = "smoke",
+    dataset: Annotated[
+        str | None, typer.Option(help="prepared dataset (default: the preset's)")
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: runs/<preset>-<dataset>/)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override a setting: section.key=value (repeatable)"),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt")] = False,
+) -> None:
+    """Train a PCB / PCB-RPP model with attention; writes last.pt, metrics.csv and curves.png."""
+    from reidkit.config import load_preset
+    from reidkit.data.datasets import dataset_folder
+    from reidkit.engine.train import fit, is_main_process
+
+    try:
+        extra = list(overrides or [])
+        if dataset:
+            extra.append(f"data.dataset={dataset_folder(dataset)}")
+        if data_root:
+            extra.append(f"data.root={data_root.expanduser()}")
+        config = load_preset(preset, extra)
+        checkpoint = fit(config, out, resume=resume)
+    except ReidkitError as err:
+        raise fail(err) from None
+    if is_main_process():
+        console.print(f"checkpoint: {checkpoint}")
+        console.print(
+            f"metrics: {checkpoint.parent / 'metrics.csv'}  curves: "
+            f"{checkpoint.parent / 'curves.png'}"
+        )

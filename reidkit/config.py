@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from reidkit.errors import ConfigError
 
@@ -70,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     step_size: int = 40  # x gamma every 40 epochs
     gamma: float = 0.1
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off, as in the paper
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA when supported
     channels_last: bool = True  # faster convolutions on CUDA; ignored on CPU
     seed: int = 0
@@ -133,8 +135,10 @@ def preset_description(path: Path) -> str:
         return str(tomllib.load(f).get("description", ""))
 
 
-def load_preset(name_or_path: str | Path = "smoke", overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Build a RunConfig from a shipped preset name or a TOML file, then apply `section.key=value`s."""
+def load_preset(
+    name_or_path: str | Path = "smoke", overrides: typing.Sequence[str] = ()
+) -> RunConfig:
+    """RunConfig from a shipped preset name or a TOML file, then `section.key=value` overrides."""
     path = _resolve_preset(name_or_path)
     try:
         with open(path, "rb") as f:
@@ -160,13 +164,16 @@ def _resolve_preset(name_or_path: str | Path) -> Path:
     return presets[text]
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "config", default_name: str = "custom") -> RunConfig:
+def config_from_dict(
+    raw: dict[str, Any], *, source: str = "config", default_name: str = "custom"
+) -> RunConfig:
     """Typed RunConfig from plain data (a preset or a checkpoint's `config`); unknown keys fail."""
     top_level = {"name", "description", "paper", *SECTIONS}
     unknown = sorted(set(raw) - top_level)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(top_level))}"
+            f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(sorted(top_level))}"
         )
     sections = {}
     for section in SECTIONS:
@@ -212,7 +219,9 @@ def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunCo
     """Apply `section.key=value` strings, each typed from the dataclass field it names."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=5")
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. train.epochs=5"
+            )
         dotted, text = item.split("=", 1)
         section, _, key = dotted.strip().partition(".")
         if section not in SECTIONS or not key:
@@ -348,6 +357,8 @@ def validate(config: RunConfig) -> None:
         )
     if model.head == "pcb" and train.rpp_epochs:
         raise ConfigError("train.rpp_epochs is set but model.head = pcb; set model.head=rpp")
+    if train.grad_clip < 0:
+        raise ConfigError("train.grad_clip must be 0 (off) or a positive gradient norm")
     if train.epochs < 1 or train.batch_size < 1:
         raise ConfigError("train.epochs and train.batch_size must be at least 1")
 

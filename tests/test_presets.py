@@ -1,10 +1,10 @@
-"""The paper presets carry section 4.2's settings and Table 1's numbers (typed in from the paper)."""
+"""Paper presets carry section 4.2's settings and Table 1's numbers, typed in from the paper."""
 
 import pytest
 
 from reidkit.config import PaperRow, available_presets, load_preset
 
-# Table 1 of Chen et al. (IJCAI 2020): R-1, R-5, R-10, mAP for Market-1501, DukeMTMC-reID, CUHK03-NP.
+# Table 1 of Chen et al. (IJCAI 2020): R-1, R-5, R-10, mAP on Market-1501, Duke, CUHK03-NP.
 TABLE_1 = {
     "pcb": [(92.3, 97.2, 98.2, 77.4), (81.7, 89.7, 91.9, 66.1), (59.7, 77.7, 85.2, 53.2)],
     "pcb-sa": [(93.8, 97.7, 98.5, 82.2), (85.3, 92.7, 94.8, 73.4), (65.9, 82.3, 88.4, 62.7)],
@@ -33,7 +33,9 @@ def test_paper_preset_settings(name):
     assert config.model.arch == "resnet50" and config.model.pretrained
     assert config.model.last_stride == 1 and config.model.parts == 6
     assert config.train.batch_size == 64 and config.train.epochs == 100
-    assert config.train.lr == 0.1 and config.train.lr * config.train.trunk_lr_mult == pytest.approx(0.01)
+    assert config.train.lr == 0.1 and config.train.lr * config.train.trunk_lr_mult == pytest.approx(
+        0.01
+    )
     assert (config.train.momentum, config.train.weight_decay) == (0.9, 1e-4)
     assert (config.train.step_size, config.train.gamma) == (40, 0.1)
     # PCB-RPP: 40 epochs of PCB, then 60 of RPP

@@ -166,16 +166,18 @@ def strip_archive_suffix(filename: str) -> str:
     return filename
 
 
-def manifest_path(root: Path, dataset: str) -> Path:
-    """ROOT/<folder>/manifest.csv; official names and short names map to their canonical folder.
-
-    Any other name (a `--name` given to `prepare`, e.g. `cuhk03-np-labeled`) is the folder itself.
-    """
+def dataset_folder(dataset: str) -> str:
+    """The prepared folder's name: official and short names map to the canonical name; any
+    other name (a `--name` given to `prepare`, e.g. `cuhk03-np-labeled`) is the folder itself."""
     try:
-        folder = canonical_name(dataset)
+        return canonical_name(dataset)
     except DatasetError:
-        folder = dataset
-    return Path(root).expanduser() / folder / MANIFEST_NAME
+        return dataset
+
+
+def manifest_path(root: Path, dataset: str) -> Path:
+    """ROOT/<dataset_folder(dataset)>/manifest.csv."""
+    return Path(root).expanduser() / dataset_folder(dataset) / MANIFEST_NAME
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

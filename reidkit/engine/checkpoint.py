@@ -10,7 +10,7 @@ import os
 import pickle
 import random
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from reidkit import __version__
 from reidkit.config import RunConfig, config_from_dict, config_to_dict
 from reidkit.errors import CheckpointError, ConfigError
+from reidkit.models.net import ReidNet, build_model
 
 FORMAT = "reidkit-checkpoint"
 FORMAT_VERSION = 1
@@ -150,3 +151,30 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def model_from_checkpoint(checkpoint: Checkpoint) -> ReidNet:
+    """The network a checkpoint describes, with its weights; ImageNet files are not needed."""
+    config = checkpoint.config
+    # The head recorded is the one the weights belong to (an RPP run saves PCB weights first).
+    model_config = replace(config.model, pretrained=False, head=checkpoint.head)
+    model = build_model(replace(config, model=model_config), checkpoint.num_ids)
+    result = model.load_state_dict(checkpoint.model, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit its own config ({len(missing)} missing, e.g. "
+            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); it was edited "
+            "or written by an incompatible reidkit"
+        )
+    return model
+
+
+def load_model(path: Path) -> tuple[ReidNet, Checkpoint]:
+    """`load_checkpoint` + `model_from_checkpoint`, in evaluation mode on the CPU."""
+    checkpoint = load_checkpoint(path)
+    try:
+        model = model_from_checkpoint(checkpoint)
+    except RuntimeError as err:  # shape mismatches from load_state_dict
+        raise CheckpointError(f"{path}: weights do not fit the recorded model: {err}") from None
+    return model.eval(), checkpoint

@@ -1,0 +1,179 @@
+"""Query/gallery evaluation: extract, rank, CMC/mAP/mINP; shared by `evaluate` and training."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from reidkit.config import PaperRow, RunConfig, data_root
+from reidkit.data.datasets import dataset_folder
+from reidkit.data.loading import build_loader, manifest_path, read_manifest
+from reidkit.engine.checkpoint import load_model
+from reidkit.engine.extract import extract_features
+from reidkit.errors import DatasetError
+from reidkit.models.net import ReidNet
+from reidkit.retrieval.metrics import RankingMetrics, cmc_map, distance_matrix
+from reidkit.retrieval.rerank import k_reciprocal_rerank_features
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """Metrics of one evaluation and everything needed to read them correctly."""
+
+    dataset: str
+    preset: str
+    metrics: RankingMetrics
+    num_query: int
+    num_gallery: int
+    feature: str
+    flip: bool
+    rerank: bool
+    paper: PaperRow | None  # the paper's Table 1 row for this preset and dataset, if any
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain data for `--json`: ranks and metrics in percent, and the protocol."""
+        m = self.metrics
+        return {
+            "dataset": self.dataset,
+            "preset": self.preset,
+            "rank1": 100 * m.rank(1),
+            "rank5": 100 * m.rank(min(5, len(m.cmc))),
+            "rank10": 100 * m.rank(min(10, len(m.cmc))),
+            "mAP": 100 * m.mAP,
+            "mINP": 100 * m.mINP,
+            "cmc": [100 * float(v) for v in m.cmc],
+            "valid_queries": m.num_valid_queries,
+            "skipped_queries": m.num_skipped_queries,
+            "num_query": self.num_query,
+            "num_gallery": self.num_gallery,
+            "protocol": "single query; same pid and camera removed",
+            "ap_mode": m.ap_mode,
+            "feature": self.feature,
+            "flip": self.flip,
+            "rerank": self.rerank,
+            "paper": None if self.paper is None else vars(self.paper),
+            "seconds": self.seconds,
+        }
+
+
+def query_gallery(config: RunConfig, dataset: str | None = None) -> tuple[str, pd.DataFrame]:
+    """(dataset name, manifest rows of the query and gallery splits) for a prepared dataset."""
+    name = dataset_folder(dataset or config.data.dataset)
+    frame = read_manifest(manifest_path(data_root(config.data.root), name))
+    rows = frame[frame["split"].isin(["query", "gallery"])]
+    for split in ("query", "gallery"):
+        if not (rows["split"] == split).any():
+            raise DatasetError(f"dataset {name!r} has no {split} images to evaluate on")
+    return name, rows
+
+
+def evaluate_model(
+    model: ReidNet,
+    config: RunConfig,
+    *,
+    dataset: str | None = None,
+    device: torch.device | str = "cpu",
+    flip: bool | None = None,
+    ap_mode: str | None = None,
+    rerank: bool | None = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Embed the query and gallery of a prepared dataset with `model` and score the ranking.
+
+    Options left as None come from `config.eval`. Distances are cosine (1 - inner product
+    of unit-length embeddings), the exact index's similarity; `rerank` applies k-reciprocal
+    re-ranking (k1=20, k2=6, lambda=0.3) to them.
+    """
+    evaluation = config.eval
+    flip = evaluation.flip if flip is None else flip
+    ap_mode = ap_mode or evaluation.ap_mode
+    rerank = evaluation.rerank if rerank is None else rerank
+    name, rows = query_gallery(config, dataset)
+    seconds: dict[str, float] = {}
+    features = {}
+    for split in ("query", "gallery"):
+        start = time.perf_counter()
+        loader = build_loader(
+            rows,
+            split,
+            config.data,
+            batch_size=evaluation.batch_size,
+            train=False,
+            pin_memory=torch.device(device).type == "cuda",
+        )
+        features[split] = extract_features(
+            model,
+            loader,
+            feature=evaluation.feature,
+            flip=flip,
+            device=device,
+            progress=progress,
+            description=f"extract {split}",
+        )
+        seconds[f"extract_{split}"] = time.perf_counter() - start
+    query, gallery = (rows[rows["split"] == s] for s in ("query", "gallery"))
+    start = time.perf_counter()
+    if rerank:
+        distances = k_reciprocal_rerank_features(features["query"], features["gallery"])
+    else:
+        distances = distance_matrix(features["query"], features["gallery"], "cosine")
+    metrics = cmc_map(
+        distances,
+        query["pid"].to_numpy(np.int64),
+        gallery["pid"].to_numpy(np.int64),
+        query["camid"].to_numpy(np.int64),
+        gallery["camid"].to_numpy(np.int64),
+        max_rank=min(evaluation.max_rank, len(gallery)),
+        ap_mode=ap_mode,
+    )
+    seconds["rank"] = time.perf_counter() - start
+    return EvaluationReport(
+        dataset=name,
+        preset=config.name,
+        metrics=metrics,
+        num_query=len(query),
+        num_gallery=len(gallery),
+        feature=evaluation.feature,
+        flip=flip,
+        rerank=rerank,
+        paper=config.paper.get(dataset_folder(name)),
+        seconds=seconds,
+    )
+
+
+def run_evaluation(
+    checkpoint: Path,
+    dataset: str | None = None,
+    *,
+    root: Path | None = None,
+    flip: bool | None = None,
+    ap_mode: str | None = None,
+    rerank: bool | None = None,
+    feature: str | None = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """`reidkit evaluate`: load a checkpoint and evaluate it on a prepared dataset."""
+    model, state = load_model(checkpoint)
+    config = state.config
+    if root is not None:
+        config = replace(config, data=replace(config.data, root=str(root)))
+    if feature is not None:
+        config = replace(config, eval=replace(config.eval, feature=feature))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    return evaluate_model(
+        model,
+        config,
+        dataset=dataset,
+        device=device,
+        flip=flip,
+        ap_mode=ap_mode,
+        rerank=rerank,
+        progress=progress,
+    )

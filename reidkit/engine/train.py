@@ -1,0 +1,573 @@
+"""Training: `fit(config)` runs PCB (and then RPP) with the paper's recipe (section 4.2, eq. 18).
+
+One visible loop, no callbacks: per epoch, set the learning rate, iterate the loader, write
+metrics, save `last.pt`. PCB-RPP is two named stages in `fit`: PCB epochs, then RPP
+initialised from them (the part classifier alone with everything else frozen, then all).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import tomli_w
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from reidkit.config import RunConfig, config_to_dict, data_root
+from reidkit.data.loading import (
+    ReidDataset,
+    build_loader,
+    build_transform,
+    epoch_seed,
+    manifest_path,
+    read_manifest,
+)
+from reidkit.engine.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    load_checkpoint,
+    model_from_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from reidkit.errors import ConfigError, ReidkitError
+from reidkit.models.net import NetOutput, ReidNet, build_model
+
+# Config fields a resumed run may change: they steer logging and I/O, not the optimisation.
+RESUMABLE_CHANGES = {
+    ("data", "workers"),
+    ("data", "root"),
+    ("train", "eval_every"),
+    ("train", "log_every"),
+}
+
+
+class TrainingDiverged(ReidkitError):
+    """The loss became NaN or infinite; the last completed epoch's checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files a run writes in its output folder."""
+
+    folder: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.csv"
+
+    @property
+    def curves(self) -> Path:
+        return self.folder / "curves.png"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config.toml"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a `torchrun` job (world size 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """True outside `torchrun`, and in its rank 0: the process that prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def default_run_folder(config: RunConfig) -> Path:
+    """`runs/<preset>-<dataset>/`."""
+    return Path("runs") / f"{config.name}-{config.data.dataset}"
+
+
+def learning_rate(config: RunConfig, epoch: int) -> float:
+    """Base rate for a 0-based epoch: x gamma every `step_size` epochs, counted across stages."""
+    train = config.train
+    return train.lr * train.gamma ** (epoch // train.step_size)
+
+
+def stage_of(config: RunConfig, epoch: int) -> str:
+    """ "pcb", "rpp-classifier" (part classifier alone) or "rpp" (everything) for an epoch."""
+    if config.model.head != "rpp":
+        return "pcb"
+    rpp_start = config.train.epochs - config.train.rpp_epochs
+    if epoch < rpp_start:
+        return "pcb"
+    if epoch < rpp_start + config.train.rpp_classifier_epochs:
+        return "rpp-classifier"
+    return "rpp"
+
+
+def reid_loss(output: NetOutput, labels: torch.Tensor, ds_weight: float) -> dict[str, torch.Tensor]:
+    """Eq. 18: L = L_F + lambda * sum_i L_DS_i, with L_F the sum of PCB's per-part CEs."""
+    parts = output.part_logits.shape[1]
+    part_loss = (
+        F.cross_entropy(
+            output.part_logits.flatten(0, 1).float(),  # (B*P, num_ids)
+            labels.repeat_interleave(parts),  # (B*P,)
+            reduction="sum",
+        )
+        / labels.numel()
+    )
+    aux_loss = sum(
+        (F.cross_entropy(logits.float(), labels) for logits in output.aux_logits),
+        start=torch.zeros((), device=labels.device),
+    )
+    return {"loss": part_loss + ds_weight * aux_loss, "loss_parts": part_loss, "loss_ds": aux_loss}
+
+
+def fit(
+    config: RunConfig,
+    out_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Train `config` into `out_dir` (default `runs/<preset>-<dataset>/`); return `last.pt`.
+
+    `resume` continues from `last.pt` at the epoch after the last completed one, with the same
+    learning rate and the same data order from then on. `stop_after` ends the run after that
+    many epochs of this call (an interruption, for tests and time-boxed runs).
+    Under `torchrun` each process trains on its share of every batch (DistributedDataParallel);
+    only rank 0 writes files and shows progress.
+    """
+    place = _init_distributed()
+    try:
+        return _fit(config, out_dir, place, resume=resume, progress=progress, stop_after=stop_after)
+    finally:
+        if place.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(
+    config: RunConfig,
+    out_dir: Path | None,
+    place: Distributed,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+) -> Path:
+    files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
+    device = _device(place)
+    manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
+    data = config.data
+    train_set = ReidDataset(
+        manifest[manifest["split"] == "train"],
+        build_transform(
+            data.height,
+            data.width,
+            train=True,
+            flip=data.flip,
+            random_erasing=data.random_erasing,
+            pad_crop=data.pad_crop,
+        ),
+    )
+    num_ids = train_set.num_ids
+    if num_ids < 2:
+        raise ConfigError(f"dataset {data.dataset!r} has {num_ids} training identities; need 2+")
+
+    start_epoch, history, state = 0, [], None
+    if resume:
+        state = _resumable_checkpoint(files, config)
+        start_epoch, history = state.epoch, list(state.history)
+    elif files.checkpoint.exists():
+        raise ConfigError(
+            f"{files.checkpoint} already exists; pass --resume to continue it or --out to start "
+            "a new run elsewhere"
+        )
+
+    torch.manual_seed(config.train.seed)
+    if state is None:
+        # An RPP run starts as PCB; its RPP stage converts the head in place.
+        model = build_model(replace(config, model=replace(config.model, head="pcb")), num_ids)
+    else:
+        if state.num_ids != num_ids:
+            raise ConfigError(
+                f"--resume: {files.checkpoint} has {state.num_ids} identities but the training "
+                f"split of {config.data.dataset!r} has {num_ids}; was the dataset re-prepared?"
+            )
+        model = model_from_checkpoint(state)
+    model.to(device)
+    if config.train.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    if place.is_main:
+        files.folder.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
+
+    amp_dtype = _amp_dtype(config, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # The optimiser state of a checkpoint fits only the stage it was saved in.
+    saved_stage = stage_of(config, start_epoch - 1) if start_epoch > 0 else None
+    if state is not None:
+        # Torch's generator is re-seeded per epoch below; this restores numpy's and Python's
+        # too, for anything outside reidkit that draws from them.
+        if state.rng is not None:
+            restore_rng(state.rng)
+        if state.scheduler and "scaler" in state.scheduler:
+            scaler.load_state_dict(state.scheduler["scaler"])
+    optimizer = None
+    current_stage = None
+    end_epoch = (
+        config.train.epochs
+        if stop_after is None
+        else min(config.train.epochs, start_epoch + stop_after)
+    )
+    for epoch in range(start_epoch, end_epoch):
+        # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
+        # classifier's initialisation) follows from (seed, epoch): a resumed run replays it.
+        torch.manual_seed(epoch_seed(config.train.seed, epoch, place.rank))
+        stage = stage_of(config, epoch)
+        if stage != current_stage:
+            # Parameter sets change between stages (new part classifier, frozen trunk), so
+            # the optimiser and the DDP wrapper are rebuilt; momentum starts afresh.
+            _enter_stage(model, stage)
+            optimizer = _build_optimizer(model, config)
+            if state is not None and epoch == start_epoch and stage == saved_stage:
+                optimizer.load_state_dict(state.optimizer)
+            train_model = _wrap(model, place, device)
+            current_stage = stage
+        _set_learning_rate(optimizer, config, epoch)
+        loader = build_loader(
+            train_set,
+            "train",
+            config.data,
+            train=True,
+            batch_size=config.train.batch_size // place.world_size,
+            seed=config.train.seed,
+            epoch=epoch,
+            num_replicas=place.world_size,
+            rank=place.rank,
+            pin_memory=device.type == "cuda",
+        )
+        row = _train_one_epoch(
+            train_model,
+            loader,
+            optimizer,
+            scaler,
+            config,
+            epoch=epoch,
+            stage=stage,
+            device=device,
+            amp_dtype=amp_dtype,
+            place=place,
+            progress=progress and place.is_main,
+        )
+        if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
+            row.update(_evaluate_during_training(model, config, device, place))
+        history.append(row)
+        if place.is_main:
+            save_checkpoint(
+                files.checkpoint,
+                Checkpoint(
+                    config=config,
+                    model=model.state_dict(),
+                    num_ids=num_ids,
+                    epoch=epoch + 1,
+                    head="rpp" if model.head.is_rpp else "pcb",
+                    optimizer=optimizer.state_dict(),
+                    # The rate itself is a function of the epoch (learning_rate), so the
+                    # schedule's state is the epoch plus the fp16 loss scaler.
+                    scheduler={"epoch": epoch + 1, "scaler": scaler.state_dict()},
+                    rng=capture_rng(),
+                    history=history,
+                ),
+            )
+            _write_metrics(files, history)
+        if place.world_size > 1:
+            dist.barrier()
+    return files.checkpoint
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: RunConfig,
+    *,
+    epoch: int,
+    stage: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    place: Distributed,
+    progress: bool,
+) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's row of metrics.csv."""
+    model.train()
+    sums = {"loss": 0.0, "loss_parts": 0.0, "loss_ds": 0.0}
+    correct = seen = 0
+    steps = len(loader)
+    start = time.perf_counter()
+    channels_last = config.train.channels_last and device.type == "cuda"
+    with _epoch_progress(progress, epoch, config.train.epochs, stage, steps) as advance:
+        for step, (images, labels, _camids, _indices) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            try:
+                with autocast:
+                    output = model(images)
+            except torch.linalg.LinAlgError as err:
+                # CSALR's landmark matrix A_mm = softmax + I is invertible in exact arithmetic,
+                # but once attention turns one-hot its diagonal underflows and it goes singular.
+                raise TrainingDiverged(
+                    f"a landmark attention matrix became singular at epoch {epoch + 1}, step "
+                    f"{step + 1} ({err}); the last completed epoch is kept in last.pt (set "
+                    "train.grad_clip=10, or lower train.lr)"
+                ) from None
+            losses = reid_loss(output, labels, config.attention.ds_weight)
+            loss_value = losses["loss"].item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; the last "
+                    "completed epoch is kept in last.pt (lower train.lr, or set train.amp=off)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if config.train.grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+                nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            batch = labels.numel()
+            for key in sums:
+                sums[key] += losses[key].item() * batch
+            predictions = output.part_logits.detach().float().softmax(-1).sum(1).argmax(-1)
+            correct += int((predictions == labels).sum())
+            seen += batch
+            elapsed = time.perf_counter() - start
+            advance(loss=loss_value, images_per_second=seen * place.world_size / elapsed)
+    seconds = time.perf_counter() - start
+    totals = torch.tensor([*sums.values(), correct, seen], dtype=torch.float64, device=device)
+    if place.world_size > 1:
+        dist.all_reduce(totals)
+    *loss_sums, correct_total, seen_total = totals.tolist()
+    row = {"epoch": epoch + 1, "stage": stage}
+    row.update({key: value / seen_total for key, value in zip(sums, loss_sums, strict=True)})
+    row.update(
+        {
+            "lr": optimizer.param_groups[-1]["lr"],
+            "train_accuracy": correct_total / seen_total,
+            "images_per_second": seen_total / seconds,
+            "seconds": seconds,
+        }
+    )
+    return row
+
+
+@contextmanager
+def _epoch_progress(
+    enabled: bool, epoch: int, epochs: int, stage: str, steps: int
+) -> Iterator[Callable[..., None]]:
+    """A Rich bar for one epoch: loss, images/s, ETA. Yields `advance(**fields)`."""
+    if not enabled:
+        yield lambda **_: None
+        return
+    columns = (
+        TextColumn(f"epoch {epoch + 1}/{epochs} {stage}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[images_per_second]:.1f} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"), images_per_second=0.0)
+        yield lambda **fields: bar.update(task, advance=1, **fields)
+
+
+def _enter_stage(model: ReidNet, stage: str) -> None:
+    if stage == "pcb":
+        return
+    if not model.head.is_rpp:
+        model.convert_to_rpp()
+    if stage == "rpp-classifier":
+        model.freeze_all_but_part_classifier()
+    else:
+        model.unfreeze_all()
+
+
+def _build_optimizer(model: ReidNet, config: RunConfig) -> torch.optim.SGD:
+    """SGD with the paper's two groups: the trunk at `trunk_lr_mult` x the rate, the rest at 1x."""
+    groups = model.parameter_groups()
+    train = config.train
+    return torch.optim.SGD(
+        [
+            {"params": groups["trunk"], "lr_mult": train.trunk_lr_mult},
+            {"params": groups["new"], "lr_mult": 1.0},
+        ],
+        lr=train.lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+        nesterov=False,
+    )
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, config: RunConfig, epoch: int) -> None:
+    base = learning_rate(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = base * group["lr_mult"]
+
+
+def _wrap(model: nn.Module, place: Distributed, device: torch.device) -> nn.Module:
+    if place.world_size == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _init_distributed() -> Distributed:
+    """Read torchrun's environment and join the process group (NCCL on CUDA, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _device(place: Distributed) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", place.local_rank)
+    return torch.device("cpu")
+
+
+def _amp_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16 with a scaler; full precision on CPU."""
+    amp = config.train.amp
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> Checkpoint:
+    if not files.checkpoint.exists():
+        raise ConfigError(
+            f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
+        )
+    state = load_checkpoint(files.checkpoint)
+    saved, wanted = config_to_dict(state.config), config_to_dict(config)
+    changed = [
+        f"{section}.{key}"
+        for section in ("data", "model", "attention", "train")
+        for key in wanted[section]
+        if wanted[section][key] != saved[section][key] and (section, key) not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise ConfigError(
+            f"--resume: {files.checkpoint} was trained with different {', '.join(changed)}; "
+            "resume with the same settings or start a new run with --out"
+        )
+    if state.epoch >= config.train.epochs:
+        raise ConfigError(
+            f"--resume: {files.checkpoint} already completed all {config.train.epochs} epochs; "
+            "raise train.epochs to train longer"
+        )
+    return state
+
+
+def _evaluate_during_training(
+    model: ReidNet, config: RunConfig, device: torch.device, place: Distributed
+) -> dict[str, float]:
+    """Rank-1 and mAP on the query/gallery split, with the same code as `reidkit evaluate`."""
+    if not place.is_main:
+        return {}
+    from reidkit.engine.evaluate import evaluate_model
+
+    report = evaluate_model(model, config, device=device, progress=False)
+    return {"rank1": float(report.metrics.cmc[0]), "mAP": float(report.metrics.mAP)}
+
+
+def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
+    frame = pd.DataFrame(history)
+    temporary = files.metrics.with_name(f".{files.metrics.name}.tmp")
+    frame.to_csv(temporary, index=False)
+    os.replace(temporary, files.metrics)
+    save_curves(frame, files.curves)
+
+
+def save_curves(frame: pd.DataFrame, path: Path) -> None:
+    """curves.png: the loss terms per epoch, train accuracy, and rank-1/mAP where evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_eval = "rank1" in frame and frame["rank1"].notna().any()
+    fig, axes = plt.subplots(1, 3 if has_eval else 2, figsize=(13 if has_eval else 9, 3.6))
+    for key, label in (("loss", "total"), ("loss_parts", "parts (L_F)"), ("loss_ds", "deep sup.")):
+        axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
+    axes[0].legend()
+    axes[1].plot(frame["epoch"], frame["train_accuracy"] * 100, marker="o", markersize=3)
+    axes[1].set(xlabel="epoch", ylabel="%", title="training accuracy")
+    if has_eval:
+        evaluated = frame[frame["rank1"].notna()]
+        axes[2].plot(evaluated["epoch"], evaluated["rank1"] * 100, marker="o", label="rank-1")
+        axes[2].plot(evaluated["epoch"], evaluated["mAP"] * 100, marker="o", label="mAP")
+        axes[2].set(xlabel="epoch", ylabel="%", title="query / gallery")
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    os.replace(temporary, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _toml_safe(value):
+    """TOML has no null: drop empty optional values."""
+    if isinstance(value, dict):
+        return {k: _toml_safe(v) for k, v in value.items() if v is not None}
+    return value

@@ -1,0 +1,64 @@
+"""Fixtures shared across test folders: a tiny prepared synthetic dataset and a config for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from reidkit.config import RunConfig, load_preset
+from reidkit.data.prepare import prepare_dataset
+from reidkit.data.synthetic import SyntheticSpec
+
+# 8 training identities x 2 cameras x 3 images = 48 training images of 64x32 pixels; 4 test
+# identities. Small enough that a ResNet-18 epoch at 96x32 takes well under a second.
+TINY_SPEC = SyntheticSpec(
+    train_ids=8,
+    test_ids=4,
+    cameras=2,
+    images_per_camera=3,
+    height=64,
+    width=32,
+    seed=3,
+    query_cameras=1,
+    distractors=2,
+)
+
+# 96x32 input: ResNet-18 stage maps 24x8, 12x4, 6x2 (last stride 1), one row per PCB stripe.
+TINY_OVERRIDES = (
+    "data.dataset=tiny",
+    "data.height=96",
+    "data.width=32",
+    "data.workers=0",
+    "model.arch=resnet18",
+    "model.pretrained=false",
+    "attention.grid=3,2",
+    "train.batch_size=8",
+    "train.step_size=100",
+    "eval.batch_size=16",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the prepared synthetic dataset `tiny`."""
+    root = tmp_path_factory.mktemp("data")
+    prepare_dataset("synthetic", root, name="tiny", synthetic=TINY_SPEC, progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_root: Path) -> list[str]:
+    """`--set` values that shrink the smoke preset to the tiny dataset."""
+    return [*TINY_OVERRIDES, f"data.root={tiny_root}"]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides: list[str]) -> Callable[..., RunConfig]:
+    """`tiny_config("train.epochs=2", ...)`: the smoke preset shrunk to the tiny dataset."""
+
+    def make(*overrides: str) -> RunConfig:
+        return load_preset("smoke", [*tiny_overrides, *overrides])
+
+    return make

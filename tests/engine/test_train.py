@@ -1,0 +1,196 @@
+"""Training: loss goes down, resume is exact, failures stop cleanly, DDP runs on gloo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from reidkit.config import load_preset
+from reidkit.engine import train as train_module
+from reidkit.engine.checkpoint import load_checkpoint
+from reidkit.engine.train import (
+    TrainingDiverged,
+    fit,
+    learning_rate,
+    reid_loss,
+    stage_of,
+)
+from reidkit.errors import ConfigError
+from reidkit.models.net import NetOutput
+
+
+def test_loss_falls_on_a_tiny_synthetic_run(tiny_config, tmp_path: Path):
+    config = tiny_config("train.epochs=6", "train.lr=0.05")
+    checkpoint = fit(config, tmp_path / "run", progress=False)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss"].iloc[-1] < 0.8 * metrics["loss"].iloc[0]
+    assert metrics["train_accuracy"].iloc[-1] > metrics["train_accuracy"].iloc[0]
+    # eq. 18 with lambda = 1: the total is the parts' loss plus the deep-supervision loss
+    total = metrics["loss_parts"] + metrics["loss_ds"]
+    assert (metrics["loss"] - total).abs().max() < 1e-4
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    assert load_preset(tmp_path / "run" / "config.toml") == config
+    assert load_checkpoint(checkpoint).epoch == 6
+
+
+def learned_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint).model
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("train.epochs=4",),
+        # PCB -> RPP with the interruption exactly at the stage boundary: the part classifier
+        # must be initialised and the optimiser rebuilt as in the uninterrupted run.
+        ("train.epochs=4", "model.head=rpp", "train.rpp_epochs=2", "train.rpp_classifier_epochs=1"),
+    ],
+    ids=["pcb", "pcb-rpp"],
+)
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    tiny_config, tmp_path: Path, overrides
+):
+    config = tiny_config(*overrides, "data.flip=0.5", "train.lr=0.02")
+    straight = fit(config, tmp_path / "straight", progress=False)
+    interrupted = fit(config, tmp_path / "resumed", progress=False, stop_after=2)
+    assert load_checkpoint(interrupted).epoch == 2
+    resumed = fit(config, tmp_path / "resumed", progress=False, resume=True)
+    expected, found = learned_weights(straight), learned_weights(resumed)
+    assert expected.keys() == found.keys()
+    for key in expected:
+        assert torch.equal(expected[key], found[key]), key
+    history = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    if config.model.head == "rpp":
+        assert list(history["stage"]) == ["pcb", "pcb", "rpp-classifier", "rpp"]
+
+
+def test_resume_with_changed_settings_is_refused(tiny_config, tmp_path: Path):
+    fit(tiny_config("train.epochs=2"), tmp_path / "run", progress=False, stop_after=1)
+    with pytest.raises(ConfigError, match="different train.lr"):
+        fit(tiny_config("train.epochs=2", "train.lr=0.5"), tmp_path / "run", resume=True)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_config, tmp_path: Path):
+    fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="pass --resume"):
+        fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_config, tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist; drop --resume"):
+        fit(tiny_config("train.epochs=1"), tmp_path / "empty", resume=True)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good(
+    tiny_config, tmp_path: Path, monkeypatch
+):
+    config = tiny_config("train.epochs=3")
+    real_loss = reid_loss
+    calls = {"n": 0}
+    steps_per_epoch = 48 // 8
+
+    def poisoned(output: NetOutput, labels, ds_weight):
+        calls["n"] += 1
+        losses = real_loss(output, labels, ds_weight)
+        if calls["n"] == steps_per_epoch + 3:  # epoch 2, step 3
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_module, "reid_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
+        fit(config, tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 1
+
+
+def test_singular_landmark_matrix_stops_cleanly(tiny_config, tmp_path: Path, monkeypatch):
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("The solver failed because the input matrix is singular.")
+
+    monkeypatch.setattr(torch.linalg, "solve", singular)
+    with pytest.raises(TrainingDiverged, match="singular"):
+        fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
+
+
+def test_learning_rate_steps_across_both_stages():
+    config = load_preset("pcb-rpp-csalr")
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 39) == pytest.approx(0.1)
+    assert learning_rate(config, 40) == pytest.approx(0.01)
+    assert learning_rate(config, 80) == pytest.approx(0.001)
+    assert [stage_of(config, e) for e in (0, 39, 40, 49, 50, 99)] == [
+        "pcb",
+        "pcb",
+        "rpp-classifier",
+        "rpp-classifier",
+        "rpp",
+        "rpp",
+    ]
+
+
+def test_trunk_trains_at_a_tenth_of_the_rate(tiny_config):
+    config = tiny_config("train.lr=0.1", "train.trunk_lr_mult=0.1")
+    model = train_module.build_model(config, 8)
+    optimizer = train_module._build_optimizer(model, config)
+    train_module._set_learning_rate(optimizer, config, 0)
+    trunk, new = optimizer.param_groups
+    assert trunk["lr"] == pytest.approx(0.01) and new["lr"] == pytest.approx(0.1)
+    trunk_ids = {id(p) for p in model.trunk.parameters()}
+    assert {id(p) for p in trunk["params"]} == trunk_ids
+    assert all(id(p) not in trunk_ids for p in new["params"])
+    assert len(trunk["params"]) + len(new["params"]) == len(list(model.parameters()))
+
+
+def test_reid_loss_is_part_sum_plus_weighted_deep_supervision():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 2, 1])
+    parts = torch.randn(3, 6, 4)
+    aux = (torch.randn(3, 4), torch.randn(3, 4))
+    output = NetOutput(torch.zeros(3, 6, 8), torch.zeros(3, 6, 2), parts, aux)
+    losses = reid_loss(output, labels, ds_weight=0.5)
+    expected_parts = sum(torch.nn.functional.cross_entropy(parts[:, p], labels) for p in range(6))
+    expected_ds = sum(torch.nn.functional.cross_entropy(a, labels) for a in aux)
+    torch.testing.assert_close(losses["loss_parts"], expected_parts)
+    torch.testing.assert_close(losses["loss_ds"], expected_ds)
+    torch.testing.assert_close(losses["loss"], expected_parts + 0.5 * expected_ds)
+
+
+def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
+    """The real launcher: 2 CPU processes, DistributedDataParallel over gloo."""
+    out = tmp_path / "ddp"
+    settings = [arg for item in (*tiny_overrides, "train.epochs=2") for arg in ("--set", item)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "reidkit",
+        "train",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        *settings,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    state = load_checkpoint(out / "last.pt")
+    assert state.epoch == 2
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.toml",
+        "curves.png",
+        "last.pt",
+        "metrics.csv",
+    ]
