@@ -160,3 +160,209 @@ def train(
             f"metrics: {checkpoint.parent / 'metrics.csv'}  curves: "
             f"{checkpoint.parent / 'curves.png'}"
         )
+
+
+def report_table(report) -> Table:
+    """The evaluation table: ours beside the paper's Table 1 row when there is one."""
+    metrics = report.metrics
+    title = (
+        f"{report.preset} on {report.dataset}: {report.num_query:,} queries, "
+        f"{report.num_gallery:,} gallery images"
+    )
+    table = Table(title=title)
+    table.add_column("")
+    for column in ("R1", "R5", "R10", "mAP", "mINP"):
+        table.add_column(column, justify="right")
+    ranks = [metrics.rank(min(k, len(metrics.cmc))) for k in (1, 5, 10)]
+    ours = [*ranks, metrics.mAP, metrics.mINP]
+    table.add_row("reidkit", *(f"{100 * v:.1f}" for v in ours), style="bold")
+    if report.paper is not None:
+        paper = report.paper
+        table.add_row(
+            "paper (Table 1)",
+            *(f"{v:.1f}" for v in (paper.rank1, paper.rank5, paper.rank10, paper.mAP)),
+            "-",
+        )
+    return table
+
+
+def print_report(report) -> None:
+    """The table, then the protocol it was computed under, never wrapped mid-phrase."""
+    metrics = report.metrics
+    console.print(report_table(report))
+    console.print(
+        f"protocol: single query, same pid+camera removed; AP mode: {metrics.ap_mode}; "
+        f"valid queries {metrics.num_valid_queries:,}, skipped {metrics.num_skipped_queries:,}; "
+        f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
+        f"re-ranking {'on' if report.rerank else 'off'}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
+    dataset: Annotated[
+        str | None, typer.Option(help="prepared dataset (default: the one it was trained on)")
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+    ] = None,
+    flip: Annotated[
+        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+    ] = None,
+    ap_mode: Annotated[
+        str, typer.Option(help="torchreid (mean precision at hits) or official (Market trapezoid)")
+    ] = "torchreid",
+    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (k1=20, k2=6)")] = False,
+    feature: Annotated[
+        str | None, typer.Option(help="g: 6 x 2048 pooled parts (default); h: 6 x 256 reduced")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the results here")
+    ] = None,
+    cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
+) -> None:
+    """Rank the gallery for every query; print R1/R5/R10/mAP/mINP beside the paper's row."""
+    import json
+
+    from reidkit.engine.evaluate import run_evaluation
+    from reidkit.retrieval.visualize import save_cmc_curve
+
+    if ap_mode not in ("torchreid", "official"):
+        raise fail(ValueError(f"--ap-mode {ap_mode!r}: choose torchreid or official"), 2)
+    if feature not in (None, "g", "h"):
+        raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
+    try:
+        report = run_evaluation(
+            checkpoint,
+            dataset,
+            root=data_root.expanduser() if data_root else None,
+            flip=flip,
+            ap_mode=ap_mode,
+            rerank=rerank,
+            feature=feature,
+        )
+    except ReidkitError as err:
+        raise fail(err) from None
+    print_report(report)
+    if json_out is not None:
+        temporary = json_out.with_name(f".{json_out.name}.tmp")
+        temporary.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        temporary.replace(json_out)
+        console.print(f"results: {json_out}")
+    if cmc_plot is not None:
+        save_cmc_curve(report.metrics.cmc, cmc_plot, f"{report.preset} on {report.dataset}")
+        console.print(f"CMC curve: {cmc_plot}")
+
+
+@app.command()
+def extract(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
+    dataset: Annotated[str | None, typer.Option(help="prepared dataset to embed")] = None,
+    split: Annotated[str, typer.Option(help="query, gallery or train")] = "gallery",
+    images: Annotated[
+        Path | None, typer.Option(help="embed every image under this folder instead")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="index folder (default: runs/index, where search looks)")
+    ] = None,
+    data_root: Annotated[
+        Path | None,
+        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+    ] = None,
+    index: Annotated[
+        str, typer.Option(help="flat (exact), ivf or hnsw (approximate, for huge galleries)")
+    ] = "flat",
+    flip: Annotated[
+        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+    ] = None,
+    feature: Annotated[str | None, typer.Option(help="g (6 x 2048) or h (6 x 256)")] = None,
+) -> None:
+    """Embed a dataset split or an image folder into a FAISS gallery index folder."""
+    from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index
+
+    if split not in ("query", "gallery", "train"):
+        raise fail(ValueError(f"--split {split!r}: choose query, gallery or train"), 2)
+    if index not in ("flat", "ivf", "hnsw"):
+        raise fail(ValueError(f"--index {index!r}: choose flat, ivf or hnsw"), 2)
+    if feature not in (None, "g", "h"):
+        raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
+    try:
+        folder = build_gallery_index(
+            checkpoint,
+            out or DEFAULT_INDEX,
+            dataset=dataset,
+            split=split,
+            images=images,
+            root=data_root.expanduser() if data_root else None,
+            index_kind=index,
+            flip=flip,
+            feature=feature,
+        )
+    except ReidkitError as err:
+        raise fail(err) from None
+    console.print(f"index: {folder} (index.faiss, features.npy, meta.csv, info.json)")
+
+
+def print_search(results) -> None:
+    for result in results:
+        pid = "unknown" if result.query_pid is None else str(result.query_pid)
+        table = Table(title=f"{result.query} (pid {pid})")
+        for column in ("rank", "score", "pid", "camera", "match", "path"):
+            table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+        for m in result.matches:
+            if result.query_pid is None or m.pid < 0:
+                verdict = "?"
+            else:
+                verdict = "[green]yes[/]" if m.pid == result.query_pid else "[red]no[/]"
+            pid_text = "?" if m.pid < 0 else str(m.pid)
+            camera = "?" if m.camid < 0 else str(m.camid)
+            table.add_row(str(m.rank), f"{m.score:.3f}", pid_text, camera, verdict, m.path)
+        console.print(table)
+
+
+@app.command()
+def search(
+    queries: Annotated[list[Path], typer.Argument(help="query image(s)")],
+    index: Annotated[
+        Path | None, typer.Option(help="index folder from `reidkit extract` (default: runs/index)")
+    ] = None,
+    top: Annotated[int, typer.Option(help="how many matches to show per query")] = 10,
+    save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
+) -> None:
+    """Find a person: the top matches of each query image, as a table and a montage PNG."""
+    from reidkit.engine.search import save_results_montage, search_index
+
+    try:
+        results = search_index(queries, index, top=top)
+        montage = save_results_montage(results, save)
+    except ReidkitError as err:
+        raise fail(err) from None
+    print_search(results)
+    console.print(f"montage: {montage}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for data, run, index and pictures")] = Path(
+        "runs/demo"
+    ),
+) -> None:
+    """The whole pipeline on synthetic people, on a CPU: prepare, train, evaluate, search."""
+    from reidkit.engine.demo import run_demo
+
+    try:
+        result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
+    except ReidkitError as err:
+        raise fail(err) from None
+    print_report(result.report)
+    console.print(f"chance rank-1 (random ranking): {100 * result.chance_rank1:.1f}%")
+    print_search([result.search])
+    console.print(
+        f"\ncheckpoint  {result.checkpoint}\ncurves      {result.curves_png}\n"
+        f"index       {result.index}\nranked      {result.ranked_png}\n"
+        f"try: reidkit search {result.search.query} --index {result.index}"
+    )

@@ -41,6 +41,12 @@ TINY_OVERRIDES = (
 
 
 @pytest.fixture(scope="session")
+def tiny_spec() -> SyntheticSpec:
+    """The tiny synthetic dataset's spec (its counts are what tests expect)."""
+    return TINY_SPEC
+
+
+@pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding the prepared synthetic dataset `tiny`."""
     root = tmp_path_factory.mktemp("data")
@@ -48,13 +54,13 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides(tiny_root: Path) -> list[str]:
     """`--set` values that shrink the smoke preset to the tiny dataset."""
     return [*TINY_OVERRIDES, f"data.root={tiny_root}"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config(tiny_overrides: list[str]) -> Callable[..., RunConfig]:
     """`tiny_config("train.epochs=2", ...)`: the smoke preset shrunk to the tiny dataset."""
 
@@ -62,3 +68,12 @@ def tiny_config(tiny_overrides: list[str]) -> Callable[..., RunConfig]:
         return load_preset("smoke", [*tiny_overrides, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint trained for two epochs on the tiny synthetic set."""
+    from reidkit.engine.train import fit
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    return fit(tiny_config("train.epochs=2"), out, progress=False)
