@@ -160,3 +160,11 @@ def test_search_without_an_index_says_how_to_build_one(tmp_path: Path):
 def test_index_needs_exactly_one_source(tiny_checkpoint, tmp_path: Path):
     with pytest.raises(DatasetError, match="either --dataset"):
         build_gallery_index(tiny_checkpoint, tmp_path / "i", progress=False)
+
+
+def test_rerank_changes_the_distances_but_not_the_protocol(tiny_checkpoint):
+    plain = run_evaluation(tiny_checkpoint, "tiny", progress=False)
+    reranked = run_evaluation(tiny_checkpoint, "tiny", rerank=True, progress=False)
+    assert reranked.rerank and not plain.rerank
+    assert reranked.metrics.num_valid_queries == plain.metrics.num_valid_queries
+    assert 0 <= reranked.metrics.mAP <= 1

@@ -194,3 +194,11 @@ def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
         "last.pt",
         "metrics.csv",
     ]
+
+
+def test_evaluation_during_training_is_recorded_per_evaluated_epoch(tiny_config, tmp_path: Path):
+    config = tiny_config("train.epochs=2", "train.eval_every=2")
+    fit(config, tmp_path / "run", progress=False)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert metrics["rank1"].isna().tolist() == [True, False]
+    assert 0 <= metrics["rank1"].iloc[1] <= 1 and 0 <= metrics["mAP"].iloc[1] <= 1
