@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reidkit.errors import ConfigError
-from reidkit.models.attention import build_attention
+from reidkit.models.attention import GroupedAttention, build_attention, gated_residual_and_pool
 from reidkit.models.pcb import HeadOutput, PCBHead, RefinedPartPooling
 from reidkit.models.resnet import ResNet, build_resnet, load_imagenet_weights
 
@@ -88,9 +88,14 @@ class ReidNet(nn.Module):
 
     def _attend(self, key: str, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """One attention module, plus GAP(x * fused) when it has a deep-supervision branch."""
-        out, fused = self.attention[key](x)
-        pooled = (x * fused).mean(dim=(2, 3)) if key in self.aux_classifiers else None  # (B, C)
-        return out, pooled
+        module = self.attention[key]
+        if key not in self.aux_classifiers:
+            return module(x)[0], None
+        if isinstance(module, GroupedAttention):
+            # The gate and the pooling read the same two maps: one function, fewer passes.
+            return gated_residual_and_pool(x, module.fused_output(x), module.alpha)
+        out, fused = module(x)
+        return out, (x * fused).mean(dim=(2, 3))  # (B, C)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """(B, 3, H, W) images -> ((B, C, h, w) last-stage map, aux logits per module)."""

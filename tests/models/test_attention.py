@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reidkit.errors import ConfigError
+from reidkit.models import attention
 from reidkit.models.attention import (
     ATTENTION,
     CSA,
@@ -489,3 +490,271 @@ def test_csalr_landmark_matrix_starts_well_conditioned(seed, channels, grid):
     k_land = F.avg_pool2d(k, patch).flatten(2)  # (B*G, d, m)
     a_mm = (q_land.transpose(1, 2) @ k_land).softmax(-1) + torch.eye(q_land.shape[-1])
     assert torch.linalg.cond(a_mm).max() < 3
+
+
+# ------------------------------------------------------------------------------------------
+# CSALR kernels: slices, folded indicator, in-place softmax backward, autograd Functions
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "block", "budget"), [(16, 10, 1000), (16, 10, 45), (7, 3, 5)])
+def test_chunks_cover_the_range_in_near_equal_slices(monkeypatch, length, block, budget):
+    monkeypatch.setattr(attention, "CSALR_BLOCK_ELEMENTS", budget)
+    slices = attention._chunks(length, block)
+    covered = [i for s in slices for i in range(length)[s]]
+    assert covered == list(range(length))
+    sizes = [s.stop - s.start for s in slices]
+    assert max(sizes) * block <= max(budget, block)  # a slice fits, or holds one item
+    assert max(sizes) - min(sizes) <= max(sizes) // 2 + 1
+
+
+@pytest.mark.parametrize("grid", [(3, 2), (6, 4), (12, 8), (24, 8)], ids=str)
+def test_indicator_is_added_at_each_positions_patch(grid):
+    coeff = torch.rand(3, 24 * 8, grid[0] * grid[1], dtype=torch.float64)
+    expected = coeff + attention._patch_indicator(24, 8, grid, coeff)
+    assert torch.equal(attention._add_indicator_(coeff.clone(), grid, (24, 8)), expected)
+
+
+def test_spread_add_is_rows_times_the_transposed_indicator():
+    grid, size = (6, 4), (24, 8)
+    target = torch.randn(2, 3, 192, dtype=torch.float64)
+    rows = torch.randn(2, 3, 24, dtype=torch.float64)
+    indicator = attention._patch_indicator(*size, grid, rows)  # (n, m)
+    expected = target + rows @ indicator.T
+    attention._spread_add_(target, rows, grid, size)
+    torch.testing.assert_close(target, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", [(6, 4), (12, 8), (24, 8)], ids=str)
+def test_pool_is_average_pooling(grid):
+    x = torch.randn(2, 3, 96, 32, dtype=torch.float64, requires_grad=True)
+    patch = (96 // grid[0], 32 // grid[1])
+    pooled = attention._pool(x, grid)
+    torch.testing.assert_close(pooled, F.avg_pool2d(x, patch).flatten(2))
+    assert torch.autograd.gradcheck(lambda t: attention._pool(t, grid), (x[:1, :1, :48, :16],))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 96, 40), (3, 40, 96)])
+def test_in_place_softmax_backward_matches_autograd(shape):
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    prob = logits.softmax(dim=-1)
+    grad = torch.randn(shape, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(prob, logits, grad)
+    buffer = grad.clone()
+    result = attention._softmax_backward_(buffer, prob.detach())
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-14)
+    assert result.data_ptr() == buffer.data_ptr()  # written over the gradient on the CPU
+
+
+def tiny_qkv(b=2, g=2, hw=(8, 8), d=2, e=3, seed=0):
+    """Inputs small enough for torch.autograd.gradcheck, with far-from-uniform softmaxes."""
+    return [t.requires_grad_() for t in random_qkv(b, g, hw, seed=seed, d=d, e=e)]
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 40])  # one slice; slices of one group-image
+def test_csalr_core_function_passes_gradcheck(monkeypatch, budget):
+    monkeypatch.setattr(attention, "CSALR_BLOCK_ELEMENTS", budget)
+    q, k, v = tiny_qkv()
+    assert torch.autograd.gradcheck(lambda q, k, v: csalr_attention(q, k, v, (2, 2)), (q, k, v))
+
+
+@pytest.mark.parametrize("budget", [200_000, 3000])
+def test_csalr_core_in_uneven_slices_matches_reference_float64(monkeypatch, budget):
+    # 3 images x 2 groups; 3000 elements per block slice at m x n = 96 x 768 makes slices of
+    # one group-image, 200_000 slices of two: uneven ones (2, 2, 2 / 1, 1, ...).
+    monkeypatch.setattr(attention, "CSALR_BLOCK_ELEMENTS", budget)
+    q, k, v = random_qkv(3, 2, (48, 16), seed=11)
+    grad_out = torch.randn(3, 2, E, 48, 16, dtype=torch.float64)
+    fast = values_and_grads(lambda q, k, v: csalr_attention(q, k, v, (12, 8)), (q, k, v), grad_out)
+    ref = values_and_grads(
+        lambda q, k, v: csalr_attention_reference(q, k, v, (12, 8)), (q, k, v), grad_out
+    )
+    for name, a, r in zip(("y", "dq", "dk", "dv"), fast, ref, strict=True):
+        assert rel_err(a, r) < 1e-10, name
+
+
+def test_csalr_core_saves_no_map_sized_block_for_backward():
+    # Autograd may keep q, k, v (the caller's tensors) and m x m / m x e ones, nothing m x n.
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 2, (48, 16), d=4, e=8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        csalr_attention(q, k, v, (12, 8))
+    inputs = {t.data_ptr() for t in (q, k, v)}
+    extra = [t for t in saved if t.data_ptr() not in inputs]
+    assert extra and max(t.numel() for t in extra) <= 2 * 2 * 96 * 96  # BG x m x m at most
+
+
+def test_landmark_pool_and_spread_pass_gradcheck():
+    gen = torch.Generator().manual_seed(12)
+    q_land = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    k = torch.randn(2, 2, 3, 16, dtype=torch.float64, generator=gen).requires_grad_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(attention._LandmarkPool.apply, (q_land, k, x))
+    q = torch.randn(2, 2, 3, 16, dtype=torch.float64, generator=gen).requires_grad_()
+    k_land = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    rows = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=gen).requires_grad_()
+    bias = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
+    spread = attention._LandmarkSpread.apply
+    assert torch.autograd.gradcheck(
+        lambda q, k, r, b: spread(q, k, r, b, (2, 2), (4, 4)), (q, k_land, rows, bias)
+    )
+    assert torch.autograd.gradcheck(
+        lambda q, k, r: spread(q, k, r, None, (2, 2), (4, 4)), (q, k_land, rows)
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# CSALR with value and fuse on the landmark rows
+# ------------------------------------------------------------------------------------------
+
+
+def reference_fused(module: CSALR, x: Tensor) -> Tensor:
+    """fuse(CSALR(q, k, value(x))) from plain convs and the naive float64 reference core."""
+    q = module.query(x).unflatten(1, (module.groups, -1))  # (B, G, d, H, W)
+    k = module.key(x).unflatten(1, (module.groups, -1))  # (B, G, d, H, W)
+    v = module.value(x).unflatten(1, (module.groups, -1))  # (B, G, e, H, W)
+    return module.fuse(csalr_attention_reference(q, k, v, module.grid).flatten(1, 2))
+
+
+def module_values_and_grads(module, fn, x: Tensor, grad: Tensor) -> list[Tensor]:
+    """fn(module, x) and the gradients of <fn, grad> w.r.t. x and every parameter."""
+    x = x.detach().clone().requires_grad_()
+    params = list(module.parameters())
+    y = fn(module, x)
+    return [y.detach(), *torch.autograd.grad(y, [x, *params], grad, allow_unused=True)]
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "grid", "hw"),
+    [
+        (16, 1, (4, 2), (8, 4)),
+        (16, 2, (4, 2), (8, 4)),
+        (32, 4, (2, 2), (8, 8)),
+        (16, 2, (8, 4), (8, 4)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("projection", ["pixels", "landmarks"])
+def test_both_projections_match_the_reference_float64(channels, groups, grid, hw, projection):
+    torch.manual_seed(groups)
+    module = CSALR(channels, groups=groups, grid=grid, projection=projection).double()
+    with torch.no_grad():  # logits of a few units: softmaxes far from uniform
+        module.query.weight.mul_(10)
+        module.key.weight.mul_(10)
+    x = torch.randn(3, channels, *hw, dtype=torch.float64)
+    grad = torch.randn(3, channels, *hw, dtype=torch.float64)
+    fast = module_values_and_grads(module, lambda m, x: m.fused_output(x), x, grad)
+    ref = module_values_and_grads(module, reference_fused, x, grad)
+    names = ["fused", "x"] + [n for n, _ in module.named_parameters()]
+    for name, a, r in zip(names, fast, ref, strict=True):
+        if r is None:  # alpha: fused does not depend on it
+            assert a is None, name
+            continue
+        # key.bias gets no gradient (softmax over keys ignores a shift): compare absolutely.
+        assert (a - r).norm() <= 1e-10 * r.norm() + 1e-12, name
+
+
+def test_landmark_projection_in_slices_matches_the_reference(monkeypatch):
+    monkeypatch.setattr(attention, "CSALR_BLOCK_ELEMENTS", 100)  # one image per slice
+    torch.manual_seed(0)
+    module = CSALR(16, groups=2, grid=(4, 2), projection="landmarks").double()
+    x = torch.randn(3, 16, 8, 4, dtype=torch.float64)
+    grad = torch.randn(3, 16, 8, 4, dtype=torch.float64)
+    fast = module_values_and_grads(module, lambda m, x: m.fused_output(x), x, grad)
+    ref = module_values_and_grads(module, reference_fused, x, grad)
+    for a, r in zip(fast, ref, strict=True):
+        assert (a is None) == (r is None)
+        if r is not None:
+            assert (a - r).norm() <= 1e-10 * r.norm() + 1e-12
+
+
+def test_landmark_projection_under_bfloat16_autocast_solves_in_float32(monkeypatch):
+    solve_dtypes = []
+    solve = torch.linalg.solve
+
+    def spy(a, b, *args, **kwargs):
+        solve_dtypes.append((a.dtype, b.dtype))
+        return solve(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "solve", spy)
+    torch.manual_seed(0)
+    module = CSALR(32, groups=2, grid=(4, 2), projection="landmarks")
+    x = torch.randn(2, 32, 16, 8, requires_grad=True)
+    expected = module.fused_output(x).detach()
+    solve_dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = module.fused_output(x)
+    assert solve_dtypes == [(torch.float32, torch.float32)]
+    assert fused.dtype == torch.bfloat16
+    assert rel_err(fused, expected) < 2e-2
+    fused.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_projection_costs_by_hand():
+    # C = 4, G = 2, m = 2, n = 8: pixels 2*16*8 + 2*4*2*8 = 384; landmarks 2*16*2 + 2*2*4*2*8.
+    assert attention.csalr_projection_costs(4, 2, 2, 8) == {"pixels": 384, "landmarks": 320}
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "hw", "landmarks"),
+    [
+        (256, 2, (96, 32), True),  # the paper's setting, stage 1
+        (256, 4, (96, 32), False),  # (G - 1) m > C: the convs on the map cost less
+        (512, 4, (48, 16), True),
+        (1024, 8, (24, 8), False),
+        (1024, 2, (24, 8), True),
+    ],
+)
+def test_auto_projection_picks_fewer_multiply_adds(channels, groups, hw, landmarks):
+    module = CSALR(channels, groups=groups, grid=(12, 8))
+    assert module.projects_on_landmarks(*hw) is landmarks
+    assert CSALR(channels, groups=groups, projection="pixels").projects_on_landmarks(*hw) is False
+    forced = CSALR(channels, groups=groups, projection="landmarks")
+    assert forced.projects_on_landmarks(*hw) is True
+
+
+def test_unknown_projection_is_refused():
+    with pytest.raises(ConfigError, match="projection"):
+        CSALR(16, projection="everywhere")
+
+
+def test_pointwise_is_the_stacked_convs():
+    convs = [torch.nn.Conv2d(6, c, 1).double() for c in (2, 3, 6)]
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    expected = torch.cat([conv(x) for conv in convs], dim=1)
+    torch.testing.assert_close(attention.pointwise(x, convs), expected)
+    bare = [torch.nn.Conv2d(6, 2, 1, bias=False).double()]
+    torch.testing.assert_close(attention.pointwise(x, bare), bare[0](x))
+
+
+# ------------------------------------------------------------------------------------------
+# Gated residual and deep-supervision pooling
+# ------------------------------------------------------------------------------------------
+
+
+def gate_inputs(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    fused = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    return x, fused, alpha
+
+
+def test_gated_residual_is_x_plus_alpha_fused_with_its_gradients():
+    x, fused, alpha = gate_inputs()
+    grad = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    fast = values_and_grads(attention.gated_residual, (x, fused, alpha), grad)
+    plain = values_and_grads(lambda x, f, a: x + a * f, (x, fused, alpha), grad)
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(attention.gated_residual, (x, fused, alpha))
+
+
+def test_gated_residual_and_pool_gives_the_gate_and_deep_supervision_pooling():
+    x, fused, alpha = gate_inputs(1)
+    out, pooled = attention.gated_residual_and_pool(x, fused, alpha)
+    torch.testing.assert_close(out, x + alpha * fused)
+    torch.testing.assert_close(pooled, (x * fused).mean(dim=(2, 3)))
+    assert torch.autograd.gradcheck(attention.gated_residual_and_pool, (x, fused, alpha))

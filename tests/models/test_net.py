@@ -223,6 +223,63 @@ def test_recompute_gives_the_same_gradients(monkeypatch):
     assert calls == []
 
 
+def saved_activation_bytes(net: ReidNet) -> int:
+    """Bytes of the distinct tensors autograd keeps from one forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(images())
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("projection", ["pixels", "landmarks"])
+def test_recompute_keeps_only_each_modules_output(projection):
+    # With recomputation the attention modules add to what autograd keeps only their output
+    # `out` (the next stage's input) and the pooled deep-supervision features: neither the
+    # deep-supervision product, nor the gated residual, nor anything inside the modules.
+    torch.manual_seed(0)
+    plain = make_net("none").train()
+    baseline = saved_activation_bytes(plain)
+    net = make_net("csalr", recompute=True).train()
+    for module in net.attention.values():
+        module.projection = projection
+    maps = [(64, 32, 16), (128, 16, 8), (256, 8, 4)]  # ResNet-18 stages 1-3 at 128x64
+    outputs = sum(4 * c * h * w * 4 for c, h, w in maps)  # float32, batch 4
+    pooled = sum(4 * c * 4 for c, _, _ in maps)
+    recomputed = saved_activation_bytes(net) - baseline
+    assert outputs <= recomputed <= outputs + 2 * pooled
+    net.recompute = False
+    assert saved_activation_bytes(net) - baseline > 2 * outputs  # the modules' activations
+
+
+def test_deep_supervision_of_a_module_without_fused_output():
+    # Any module whose forward returns (out, fused) works; the fused gate-and-pool path is
+    # for reidkit's own modules only.
+    class Doubling(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.alpha = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fused = 2 * x
+            return x + self.alpha * fused, fused
+
+    trunk = resnet18(last_stride=1)
+    net = ReidNet(trunk, PCBHead(512, parts=PARTS, num_ids=NUM_IDS), attention={2: Doubling()})
+    net.eval()
+    with torch.no_grad():
+        x = net.trunk.layer2(net.trunk.layer1(net.trunk.stem(images())))
+        expected = net.aux_classifiers["2"]((x * 2 * x).mean(dim=(2, 3)))
+        torch.testing.assert_close(net(images()).aux_logits[0], expected)
+
+
 # ---- build_model -----------------------------------------------------------------------------
 
 
