@@ -51,6 +51,9 @@ class AttentionConfig:
     groups: int = 2  # multi-head form; 2 was best in the paper's Table 3
     grid: tuple[int, int] = (12, 8)  # 96 landmarks; divides 96x32, 48x16 and 24x8 maps
     qk_ratio: float = 0.25  # C' = C/4 for Q and K, as in the authors' code
+    # CSALR's indicator weight c in A_nm = softmax + cP, A_mm = softmax + cI: the paper's 1;
+    # 2 keeps A_mm well conditioned when attention sharpens (reidkit/models/attention.py).
+    landmark_weight: float = 1.0
     bases: int = 32  # CSA's learned bases per group (Chen et al., AAAI 2020)
     deep_supervision: bool = True  # one CE branch per module (eq. 18)
     ds_weight: float = 1.0  # lambda in eq. 18
@@ -337,6 +340,11 @@ def validate(config: RunConfig) -> None:
         if not 0 < attn.qk_ratio <= 1:
             raise ConfigError("attention.qk_ratio must be in (0, 1]")
         if attn.kind == "csalr":
+            if not attn.landmark_weight >= 1:  # also refuses NaN
+                raise ConfigError(
+                    f"attention.landmark_weight = {attn.landmark_weight}: give a number >= 1 "
+                    "(1 is the paper's; 2 keeps the landmark solve well conditioned)"
+                )
             for stage in attn.stages:
                 h, w = stage_map_size(config, stage)
                 gh, gw = attn.grid

@@ -68,6 +68,15 @@ def test_bad_override_names_the_key_and_the_fix(override, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_landmark_weight_below_one_is_refused_unless_attention_is_not_csalr():
+    with pytest.raises(ConfigError, match=r"attention.landmark_weight = 0.5: give a number >= 1"):
+        apply_overrides(RunConfig(), ["attention.landmark_weight=0.5"])
+    assert (
+        apply_overrides(RunConfig(), ["attention.landmark_weight=2"]).attention.landmark_weight == 2
+    )
+    assert apply_overrides(RunConfig(), ["attention.kind=sa", "attention.landmark_weight=0.5"])
+
+
 def test_grid_that_does_not_divide_a_stage_map_is_refused():
     # 384x128 input: stage maps 96x32, 48x16, 24x8; 5 rows divide none of them
     with pytest.raises(ConfigError, match="does not divide the 96x32 map after stage 1"):

@@ -128,6 +128,18 @@ def stage_of(config: RunConfig, epoch: int) -> str:
     return "rpp"
 
 
+def _singular_landmarks(epoch: int, step: int, err: Exception) -> TrainingDiverged:
+    """The one-line error for a CSALR landmark solve that failed in forward or backward."""
+    # A_mm = softmax + cI is invertible in exact arithmetic, but with the paper's c = 1 its
+    # diagonal dominance is only 2 s_kk, and once a landmark attends away from itself it goes
+    # singular in floating point. c = 2 bounds ||A_mm^-1|| by 1 (models/attention.py).
+    return TrainingDiverged(
+        f"a CSALR landmark matrix became singular at epoch {epoch + 1}, step {step + 1} "
+        f"({str(err).splitlines()[0]}); the last completed epoch is kept in last.pt; train "
+        "again with --set attention.landmark_weight=2 (or a lower train.lr)"
+    )
+
+
 def reid_loss(output: NetOutput, labels: torch.Tensor, ds_weight: float) -> dict[str, torch.Tensor]:
     """Eq. 18: L = L_F + lambda * sum_i L_DS_i, with L_F the sum of PCB's per-part CEs."""
     parts = output.part_logits.shape[1]
@@ -343,13 +355,7 @@ def _train_one_epoch(
                 with autocast:
                     output = model(images)
             except torch.linalg.LinAlgError as err:
-                # CSALR's landmark matrix A_mm = softmax + I is invertible in exact arithmetic,
-                # but once attention turns one-hot its diagonal underflows and it goes singular.
-                raise TrainingDiverged(
-                    f"a landmark attention matrix became singular at epoch {epoch + 1}, step "
-                    f"{step + 1} ({err}); the last completed epoch is kept in last.pt (set "
-                    "train.grad_clip=10, or lower train.lr)"
-                ) from None
+                raise _singular_landmarks(epoch, step, err) from None
             losses = reid_loss(output, labels, config.attention.ds_weight)
             loss_value = losses["loss"].item()
             if not math.isfinite(loss_value):
@@ -358,7 +364,10 @@ def _train_one_epoch(
                     "completed epoch is kept in last.pt (lower train.lr, or set train.amp=off)"
                 )
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
+            try:
+                scaler.scale(losses["loss"]).backward()
+            except torch.linalg.LinAlgError as err:  # the transposed solve of CSALR's backward
+                raise _singular_landmarks(epoch, step, err) from None
             if config.train.grad_clip:
                 scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
                 nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)

@@ -160,6 +160,25 @@ def full_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # between the products that share them, and hold less.
 CSALR_BLOCK_ELEMENTS = 1 << 20
 
+# The weight c of the indicator terms 1(.) in eq. 15-16: A_nm = softmax_m(Q K'^T) + c P and
+# A_mm = softmax_m(Q' K'^T) + c I. The paper's c = 1 makes row k of A_mm dominant only by
+# 2 s_kk (its own softmax weight), so once a landmark attends away from itself A_mm nears
+# singular: by Varah's bound ||A_mm^-1||_inf <= 1 / (c - 1 + 2 min_k s_kk), which c = 1
+# leaves unbounded. Trained from scratch at lr 0.05 on the 2-core CPU, its condition number
+# reached 2e16 and the solve failed at epoch 3; with c = 2 (bound 1) the same run trained 8
+# epochs to 90% training accuracy. Any c keeps each row of W = A_nm A_mm^-1 summing to 1 and
+# the approximation exact when every position is a landmark; the reconstruction error of a
+# random map barely moves (96 landmarks at 48x16: 0.509 with c = 1, 0.530 with c = 2).
+LANDMARK_WEIGHT = 1.0
+
+
+def _check_landmark_weight(weight: float) -> None:
+    """Refuse ``c < 1``: below it A_mm is no longer diagonally dominant by construction."""
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 1):
+        raise ConfigError(
+            f"CSALR: landmark_weight must be a number >= 1 (1 is the paper's), got {weight!r}"
+        )
+
 
 def _chunks(length: int, block: int) -> list[slice]:
     """Near-equal slices of ``range(length)`` whose ``block``-element items fit the budget."""
@@ -208,8 +227,11 @@ def _softmax_backward_(grad: Tensor, prob: Tensor) -> Tensor:
     return torch._softmax_backward_data(grad, prob, -1, prob.dtype)
 
 
-def _add_indicator_(coeff: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """``coeff + P`` in place: 1 added at (position i, the landmark whose patch holds i).
+def _add_indicator_(
+    coeff: Tensor, grid: tuple[int, int], size: tuple[int, int], weight: float = 1.0
+) -> Tensor:
+    """``coeff + c P`` in place: ``c = weight`` added at (position i, the landmark whose patch
+    holds i).
 
     ``coeff`` is ``(c, n, m)`` over an ``H x W`` map (positions and landmarks row-major); the
     n touched entries are a strided view of it, two diagonals of its 7-d form. Folding P
@@ -220,7 +242,7 @@ def _add_indicator_(coeff: Tensor, grid: tuple[int, int], size: tuple[int, int])
     (gh, gw), (h, w) = grid, size
     blocks = coeff.view(-1, gh, h // gh, gw, w // gw, gh, gw)  # (c, H', ph, W', pw, H', W')
     rows = blocks.diagonal(dim1=1, dim2=5)  # (c, ph, W', pw, W', H')
-    rows.diagonal(dim1=2, dim2=4).add_(1)  # (c, ph, pw, H', W'): entry (i, patch(i))
+    rows.diagonal(dim1=2, dim2=4).add_(weight)  # (c, ph, pw, H', W'): entry (i, patch(i))
     return coeff
 
 
@@ -272,17 +294,22 @@ def _landmark_probs(q_land: Tensor, k_land: Tensor) -> Tensor:
         return logits.softmax(dim=-1)
 
 
-def _landmark_solve(probs: Tensor, rhs: Tensor, *, transpose: bool = False) -> Tensor:
-    """``A_mm^{-1} rhs`` (or ``A_mm^{-T} rhs``) with ``A_mm = probs + I`` (eq. 16), by LU.
+def _landmark_solve(
+    probs: Tensor, rhs: Tensor, *, weight: float = 1.0, transpose: bool = False
+) -> Tensor:
+    """``A_mm^{-1} rhs`` (or ``A_mm^{-T} rhs``) with ``A_mm = probs + c I`` (eq. 16), by LU.
 
     Everything here is m x m or m x e, so it runs in float32 at least and outside autocast: in
     bfloat16/float16 the softmax rows would keep 3 digits before the solve, and the CPU has no
     half-precision LU at all. Float64 inputs stay float64. Never inv(): row k of ``A_mm`` is a
-    softmax row plus 1 on the diagonal, so strictly diagonally dominant, and LU always works.
+    softmax row plus ``c >= 1`` on the diagonal, so strictly diagonally dominant, and LU
+    always works in exact arithmetic (see :data:`LANDMARK_WEIGHT` for how close to singular
+    ``c = 1`` can get).
 
     Args:
         probs: ``softmax_m(Q' K'^T)`` ``(BG, m, m)`` from :func:`_landmark_probs`.
         rhs: right-hand sides ``(BG, m, e)``.
+        weight: the indicator weight ``c`` (:data:`LANDMARK_WEIGHT`).
         transpose: solve with ``A_mm^T`` (a backward pass).
 
     Returns:
@@ -290,7 +317,8 @@ def _landmark_solve(probs: Tensor, rhs: Tensor, *, transpose: bool = False) -> T
     """
     m = probs.shape[-1]
     with torch.autocast(device_type=probs.device.type, enabled=False):
-        a_mm = probs + torch.eye(m, dtype=probs.dtype, device=probs.device)  # (BG, m, m)
+        eye = torch.eye(m, dtype=probs.dtype, device=probs.device)  # (m, m)
+        a_mm = probs + weight * eye  # (BG, m, m)
         return torch.linalg.solve(a_mm.mT if transpose else a_mm, rhs.to(probs.dtype))
 
 
@@ -310,7 +338,9 @@ class _CSALRCore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], weight: float
+    ) -> Tensor:
         b, g, d, h, w = q.shape
         e = v.shape[2]
         gh, gw = grid
@@ -330,24 +360,25 @@ class _CSALRCore(torch.autograd.Function):
                 landmark_map = _landmark_map(q_land[s].to(ct), k2[s].to(ct))  # (c, m, n)
                 torch.bmm(v2[s].to(ct), landmark_map.transpose(1, 2), out=e_t[s])
             probs = _landmark_probs(q_land, k_land)  # (BG, m, m), float32 at least
-            f_wide = _landmark_solve(probs, e_t.transpose(1, 2))  # F = A_mm^{-1} E: (BG, m, e)
+            f_wide = _landmark_solve(probs, e_t.transpose(1, 2), weight=weight)  # F: (BG, m, e)
             f = f_wide.to(ct)  # (BG, m, e)
 
-            # Y^T = F^T A_nm^T with A_nm = softmax_m(Q K'^T) + P, slice by slice.
+            # Y^T = F^T A_nm^T with A_nm = softmax_m(Q K'^T) + c P, slice by slice.
             y = torch.empty((bg, e, n), dtype=ct, device=q.device)  # (BG, e, n)
             for s in chunks:
-                a_nm = _add_indicator_(_coefficients(q2[s].to(ct), k_land[s].to(ct)), grid, (h, w))
+                coeff = _coefficients(q2[s].to(ct), k_land[s].to(ct))  # (c, n, m)
+                a_nm = _add_indicator_(coeff, grid, (h, w), weight)  # (c, n, m)
                 torch.bmm(f[s].transpose(1, 2), a_nm.transpose(1, 2), out=y[s])  # (c, e, n)
 
         ctx.save_for_backward(q, k, v, q_land, k_land, probs, f_wide)
-        ctx.grid, ctx.ct = grid, ct
+        ctx.grid, ctx.ct, ctx.weight = grid, ct, weight
         return y.view(b, g, e, h, w)  # (B, G, e, H, W)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         q, k, v, q_land, k_land, probs, f_wide = ctx.saved_tensors
-        ct, grid = ctx.ct, ctx.grid
+        ct, grid, weight = ctx.ct, ctx.grid, ctx.weight
         b, g, d, h, w = q.shape
         e = v.shape[2]
         gh, gw = grid
@@ -373,12 +404,12 @@ class _CSALRCore(torch.autograd.Function):
                 _bmm_into(dq[s], kl, d_logits.transpose(1, 2))  # dQ = K' dL^T: (c, d, n)
                 _bmm_into(dk_land[s], ql, d_logits)  # dK' = Q dL: (c, d, m)
                 del d_coeff, d_logits
-                a_nm = _add_indicator_(coeff, grid, (h, w))  # A_nm, over C (used above)
+                a_nm = _add_indicator_(coeff, grid, (h, w), weight)  # A_nm, over C (used above)
                 _bmm_into(d_f_t[s], gys, a_nm)  # dF^T = dY^T A_nm: (c, e, m)
                 del coeff, a_nm
 
             # F = A_mm^{-1} E: dE = A_mm^{-T} dF and dA_mm = -dE F^T, all m x m / m x e.
-            d_e = _landmark_solve(probs, d_f_t.transpose(1, 2), transpose=True)  # (BG, m, e)
+            d_e = _landmark_solve(probs, d_f_t.transpose(1, 2), weight=weight, transpose=True)
             d_probs = -torch.bmm(d_e, f_wide.transpose(1, 2))  # (BG, m, m)
             d_logits_mm = _softmax_backward_(d_probs, probs)  # (BG, m, m)
             dq_land = torch.bmm(k_land.to(wide), d_logits_mm.transpose(1, 2))  # (BG, d, m)
@@ -401,10 +432,17 @@ class _CSALRCore(torch.autograd.Function):
             area = ph * pw
             _spread_add_(dq, (dq_land / area).to(dq.dtype), grid, (h, w))
             _spread_add_(dk, (dk_land / area).to(dk.dtype), grid, (h, w))
-        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None
 
 
-def csalr_attention(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
+def csalr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int],
+    *,
+    landmark_weight: float = LANDMARK_WEIGHT,
+) -> Tensor:
     """CSALR per group: ``Y = A_nm A_mm^{-1} B V`` (eq. 14-17), re-associated.
 
     With landmarks ``Q', K'`` (average pooling over ``grid``, m = H'W'):
@@ -424,17 +462,20 @@ def csalr_attention(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> T
         k: keys ``(B, G, d, H, W)``.
         v: values ``(B, G, e, H, W)``.
         grid: landmark grid ``(H', W')``; it must divide ``(H, W)``.
+        landmark_weight: the weight ``c`` of the indicator terms, ``A_nm = softmax + c P``
+            and ``A_mm = softmax + c I``; the paper's is 1 (:data:`LANDMARK_WEIGHT`).
 
     Returns:
         ``(B, G, e, H, W)``.
 
     Raises:
-        ConfigError: the grid does not divide the feature map.
+        ConfigError: the grid does not divide the feature map, or ``landmark_weight < 1``.
     """
     _check_qkv(q, k, v)
     gh, gw = grid
     _patch_size((gh, gw), *q.shape[-2:])  # refuse a bad grid before any work
-    return _CSALRCore.apply(q, k, v, (gh, gw))
+    _check_landmark_weight(landmark_weight)
+    return _CSALRCore.apply(q, k, v, (gh, gw), float(landmark_weight))
 
 
 # ---- CSALR with the value and fuse projections applied to landmark rows ---------------------
@@ -495,13 +536,13 @@ class _LandmarkPool(torch.autograd.Function):
 class _LandmarkSpread(torch.autograd.Function):
     """``Y = sum_g R_g A_nm,g^T + b``: group g's landmark rows spread back over the map.
 
-    ``R_g`` (C x m) are group g's landmark rows, ``A_nm,g = softmax_m(Q_g K'_g^T) + P`` its
+    ``R_g`` (C x m) are group g's landmark rows, ``A_nm,g = softmax_m(Q_g K'_g^T) + c P`` its
     coefficients (P folded in, :func:`_add_indicator_`) and ``b`` (C,) a bias or None.
     Saves only its inputs; backward recomputes the n x m coefficients a slice of images and
     one group at a time.
 
     Inputs: queries ``(B, G, d, n)``, landmark keys ``(B, G, d, m)``, rows ``(B, G, C, m)``,
-    bias, the grid and the map size. Output: ``(B, C, n)``.
+    bias, the grid, the map size and ``c``. Output: ``(B, C, n)``.
     """
 
     @staticmethod
@@ -513,6 +554,7 @@ class _LandmarkSpread(torch.autograd.Function):
         bias: Tensor | None,
         grid: tuple[int, int],
         size: tuple[int, int],
+        weight: float,
     ) -> Tensor:
         b, g, d, n = q.shape
         c, m = rows.shape[2:]
@@ -522,7 +564,7 @@ class _LandmarkSpread(torch.autograd.Function):
             for s in _chunks(b, m * n):
                 for group in range(g):
                     coeff = _coefficients(q[s, group].to(ct), k_land[s, group].to(ct))
-                    a_nm = _add_indicator_(coeff, grid, size).transpose(1, 2)  # (c, m, n)
+                    a_nm = _add_indicator_(coeff, grid, size, weight).transpose(1, 2)  # (c, m, n)
                     r = rows[s, group].to(ct)  # (c, C, m)
                     if group > 0:
                         y[s].baddbmm_(r, a_nm)  # (c, C, n)
@@ -531,15 +573,15 @@ class _LandmarkSpread(torch.autograd.Function):
                     else:
                         torch.baddbmm(bias.to(ct).view(1, c, 1), r, a_nm, out=y[s])
         ctx.save_for_backward(q, k_land, rows)
-        ctx.grid, ctx.size, ctx.ct = grid, size, ct
+        ctx.grid, ctx.size, ctx.ct, ctx.weight = grid, size, ct, weight
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, None, None]:
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, None, None, None]:
         q, k_land, rows = ctx.saved_tensors
-        ct, grid, size = ctx.ct, ctx.grid, ctx.size
+        ct, grid, size, weight = ctx.ct, ctx.grid, ctx.size, ctx.weight
         b, g, d, n = q.shape
         c, m = rows.shape[2:]
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, G, d, n)
@@ -556,11 +598,11 @@ class _LandmarkSpread(torch.autograd.Function):
                     _bmm_into(dq[s, group], kg, d_logits.transpose(1, 2))  # dQ = K' dL^T
                     _bmm_into(dk_land[s, group], qg, d_logits)  # dK' = Q dL: (c, d, m)
                     del d_coeff, d_logits
-                    a_nm = _add_indicator_(coeff, grid, size)  # A_nm, over C (used above)
+                    a_nm = _add_indicator_(coeff, grid, size, weight)  # A_nm, over C (used above)
                     _bmm_into(d_rows[s, group], dys, a_nm)  # dR = dY A_nm: (c, C, m)
                     del coeff, a_nm
             d_bias = None if ctx.bias_dtype is None else dy.sum(dim=(0, 2)).to(ctx.bias_dtype)
-        return dq, dk_land, d_rows, d_bias, None, None
+        return dq, dk_land, d_rows, d_bias, None, None, None
 
 
 def csalr_projected(
@@ -570,6 +612,8 @@ def csalr_projected(
     value: tuple[Tensor, Tensor | None],
     fuse: tuple[Tensor, Tensor | None],
     grid: tuple[int, int],
+    *,
+    landmark_weight: float = LANDMARK_WEIGHT,
 ) -> Tensor:
     """``fuse(csalr_attention(q, k, value(x)))`` with value and fuse applied to landmark rows.
 
@@ -590,6 +634,7 @@ def csalr_projected(
         value: the value conv's ``(weight (C, C, 1, 1), bias (C,) or None)``.
         fuse: the fuse conv's ``(weight (C, C, 1, 1), bias (C,) or None)``.
         grid: landmark grid ``(H', W')``; it must divide ``(H, W)``.
+        landmark_weight: the indicator weight ``c``, as in :func:`csalr_attention`.
 
     Returns:
         ``(B, C, H, W)``: what ``fuse`` would return on the grouped core's output.
@@ -602,6 +647,8 @@ def csalr_projected(
     e = c // g
     gh, gw = grid
     _patch_size((gh, gw), h, w)  # refuse a bad grid before any work
+    _check_landmark_weight(landmark_weight)
+    c_ind = float(landmark_weight)
     m, n = gh * gw, h * w
     (wv, bv), (wf, bf) = value, fuse
     q_land = _pool(q.reshape(b * g, d, h, w), (gh, gw)).view(b, g, d, m)  # (B, G, d, m)
@@ -612,9 +659,10 @@ def csalr_projected(
     if bv is not None:
         e_t = e_t + bv.view(1, g, e, 1)  # rows of B_g sum to 1: the bias passes through
     probs = _landmark_probs(q_land.flatten(0, 1), k_land.flatten(0, 1))  # (BG, m, m)
-    f = _landmark_solve(probs, e_t.flatten(0, 1).transpose(1, 2)).to(e_t.dtype)  # (BG, m, e)
+    f = _landmark_solve(probs, e_t.flatten(0, 1).transpose(1, 2), weight=c_ind)  # (BG, m, e)
+    f = f.to(e_t.dtype)
     rows = torch.einsum("cge,bgme->bgcm", wf.reshape(c, g, e), f.view(b, g, m, e))  # (B, G, C, m)
-    y = _LandmarkSpread.apply(q.reshape(b, g, d, n), k_land, rows, bf, (gh, gw), (h, w))
+    y = _LandmarkSpread.apply(q.reshape(b, g, d, n), k_land, rows, bf, (gh, gw), (h, w), c_ind)
     return y.view(b, c, h, w)  # (B, C, H, W)
 
 
@@ -651,8 +699,11 @@ def _patch_indicator(h: int, w: int, grid: tuple[int, int], like: Tensor) -> Ten
     return (patch[:, None] == landmarks[None, :]).to(like.dtype)  # (n, m)
 
 
-def _csalr_blocks(q: Tensor, k: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
-    """The literal blocks ``A_nm`` (eq. 15), ``A_mm`` (eq. 16) and ``B = A_mn`` (eq. 13)."""
+def _csalr_blocks(
+    q: Tensor, k: Tensor, grid: tuple[int, int], weight: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The literal blocks ``A_nm`` (eq. 15), ``A_mm`` (eq. 16) and ``B = A_mn`` (eq. 13), with
+    the indicator terms weighted by ``weight`` (1 in the paper)."""
     h, w = q.shape[-2:]
     q_, k_ = q.flatten(3), k.flatten(3)  # (B, G, d, n)
     q_land, k_land = _pool_reference(q, grid), _pool_reference(k, grid)  # (B, G, d, m)
@@ -662,34 +713,44 @@ def _csalr_blocks(q: Tensor, k: Tensor, grid: tuple[int, int]) -> tuple[Tensor, 
     a_nm = _softmax_reference(torch.einsum("bgdi,bgdk->bgik", q_, k_land), -1)  # (B, G, n, m)
     a_mm = _softmax_reference(torch.einsum("bgdl,bgdk->bglk", q_land, k_land), -1)  # (B, G, m, m)
     landmark_map = _softmax_reference(torch.einsum("bgdk,bgdj->bgkj", q_land, k_), -1)  # (.., m, n)
-    return a_nm + indicator, a_mm + eye, landmark_map
+    return a_nm + weight * indicator, a_mm + weight * eye, landmark_map
 
 
-def csalr_attention_reference(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
+def csalr_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grid: tuple[int, int],
+    *,
+    landmark_weight: float = LANDMARK_WEIGHT,
+) -> Tensor:
     """Naive CSALR straight from eq. 13-17: literal ``A_nm``, ``A_mm``, ``B``, ``W`` (float64-able).
 
     ``W = A_nm A_mm^{-1}`` is formed with an explicit inverse, then ``Y_i = sum_k W_ik E_k``
     with ``E = B V`` (eq. 17).
     """
     _check_qkv(q, k, v)
-    a_nm, a_mm, landmark_map = _csalr_blocks(q, k, grid)
+    a_nm, a_mm, landmark_map = _csalr_blocks(q, k, grid, landmark_weight)
     coeff = a_nm @ torch.linalg.inv(a_mm)  # W: (B, G, n, m)
     e_land = torch.einsum("bgkj,bgej->bgke", landmark_map, v.flatten(3))  # E: (B, G, m, e)
     y = torch.einsum("bgik,bgke->bgei", coeff, e_land)  # (B, G, e, n)
     return y.unflatten(-1, q.shape[-2:])  # (B, G, e, H, W)
 
 
-def csalr_attention_map(q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor:
+def csalr_attention_map(
+    q: Tensor, k: Tensor, grid: tuple[int, int], *, landmark_weight: float = LANDMARK_WEIGHT
+) -> Tensor:
     """The reconstructed n x n attention map ``W B = A_nm A_mm^{-1} B`` (eq. 14) per group.
 
     For tests, the paper's approximation claim and attention figures: it materialises n x n,
-    so keep inputs small. Every row sums to 1, as ``A_nm 1 = A_mm 1 = 2 * 1`` and ``B 1 = 1``.
+    so keep inputs small. Every row sums to 1, as ``A_nm 1 = A_mm 1 = (1 + c) 1`` and
+    ``B 1 = 1``, whatever the indicator weight ``c``.
 
     Returns:
         ``(B, G, n, n)``.
     """
     _check_qkv(q, k, k)
-    a_nm, a_mm, landmark_map = _csalr_blocks(q, k, grid)
+    a_nm, a_mm, landmark_map = _csalr_blocks(q, k, grid, landmark_weight)
     return a_nm @ torch.linalg.solve(a_mm, landmark_map)  # (B, G, n, n)
 
 
@@ -1022,6 +1083,9 @@ class CSALR(GroupedAttention):
             the map-sized V and Y); ``"auto"`` picks the one with fewer multiply-adds for
             each input's shape (:func:`csalr_projection_costs`). The parameters are the same
             either way.
+        landmark_weight: weight ``c`` of the indicator terms in ``A_nm`` and ``A_mm``; 1 is
+            the paper's, 2 keeps ``A_mm`` well conditioned when attention turns sharp
+            (:data:`LANDMARK_WEIGHT`).
     """
 
     def __init__(
@@ -1032,8 +1096,11 @@ class CSALR(GroupedAttention):
         grid: tuple[int, int] = (12, 8),
         qk_ratio: float = 0.25,
         projection: Literal["auto", "pixels", "landmarks"] = "auto",
+        landmark_weight: float = LANDMARK_WEIGHT,
     ) -> None:
         super().__init__(channels, groups=groups, qk_ratio=qk_ratio)
+        _check_landmark_weight(landmark_weight)
+        self.landmark_weight = float(landmark_weight)
         grid = tuple(grid)
         if len(grid) != 2 or not all(isinstance(s, int) and s >= 1 for s in grid):
             raise ConfigError(f"CSALR: grid must be two positive sides (H', W'), got {grid}")
@@ -1058,18 +1125,23 @@ class CSALR(GroupedAttention):
         q, k = self._queries_keys(x)
         value = (self.value.weight, self.value.bias)
         fuse = (self.fuse.weight, self.fuse.bias)
-        return csalr_projected(x, q, k, value, fuse, self.grid)
+        return csalr_projected(
+            x, q, k, value, fuse, self.grid, landmark_weight=self.landmark_weight
+        )
 
     def _attend(self, q: Tensor, k: Tensor | None, v: Tensor) -> Tensor:
         assert k is not None
-        return csalr_attention(q, k, v, self.grid)
+        return csalr_attention(q, k, v, self.grid, landmark_weight=self.landmark_weight)
 
     def _map(self, q: Tensor, k: Tensor | None) -> Tensor:
         assert k is not None
-        return csalr_attention_map(q, k, self.grid)
+        return csalr_attention_map(q, k, self.grid, landmark_weight=self.landmark_weight)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, grid={self.grid}, projection={self.projection}"
+        return (
+            f"{super().extra_repr()}, grid={self.grid}, projection={self.projection}, "
+            f"landmark_weight={self.landmark_weight:g}"
+        )
 
 
 ATTENTION: dict[str, type[GroupedAttention]] = {
@@ -1087,12 +1159,14 @@ def build_attention(
     grid: tuple[int, int] | None = None,
     qk_ratio: float | None = None,
     bases: int | None = None,
+    landmark_weight: float | None = None,
 ) -> nn.Module:
     """Build the attention module named ``kind`` from :data:`ATTENTION`.
 
-    Each class gets only the options it takes (SA ignores ``grid`` and ``bases``, CSA ignores
-    ``grid``, CSALR ignores ``bases``); an option left as None keeps the class default. Kind
-    ``"none"`` (no attention) is the caller's to handle.
+    Each class gets only the options it takes (SA ignores ``grid``, ``bases`` and
+    ``landmark_weight``, CSA ignores ``grid`` and ``landmark_weight``, CSALR ignores
+    ``bases``); an option left as None keeps the class default. Kind ``"none"`` (no
+    attention) is the caller's to handle.
 
     Raises:
         ConfigError: unknown kind, or options the module refuses.
@@ -1100,6 +1174,12 @@ def build_attention(
     if kind not in ATTENTION:
         raise ConfigError(f"unknown attention {kind!r}; choose one of {', '.join(ATTENTION)}")
     cls = ATTENTION[kind]
-    options = {"groups": groups, "grid": grid, "qk_ratio": qk_ratio, "bases": bases}
+    options = {
+        "groups": groups,
+        "grid": grid,
+        "qk_ratio": qk_ratio,
+        "bases": bases,
+        "landmark_weight": landmark_weight,
+    }
     accepted = inspect.signature(cls).parameters
     return cls(channels, **{k: v for k, v in options.items() if v is not None and k in accepted})

@@ -204,6 +204,7 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
                 grid=tuple(a.grid),
                 qk_ratio=a.qk_ratio,
                 bases=a.bases,
+                landmark_weight=a.landmark_weight,
             )
     head = PCBHead(
         trunk.out_channels[-1],

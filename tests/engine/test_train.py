@@ -22,6 +22,7 @@ from reidkit.engine.train import (
     stage_of,
 )
 from reidkit.errors import ConfigError
+from reidkit.models import attention as attention_module
 from reidkit.models.net import NetOutput
 
 
@@ -115,7 +116,26 @@ def test_singular_landmark_matrix_stops_cleanly(tiny_config, tmp_path: Path, mon
         raise torch.linalg.LinAlgError("The solver failed because the input matrix is singular.")
 
     monkeypatch.setattr(torch.linalg, "solve", singular)
-    with pytest.raises(TrainingDiverged, match="singular"):
+    with pytest.raises(TrainingDiverged, match=r"singular.*landmark_weight=2"):
+        fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
+
+
+def test_singular_landmark_matrix_in_backward_stops_cleanly(
+    tiny_config, tmp_path: Path, monkeypatch
+):
+    solve = attention_module._landmark_solve
+
+    def singular_when_transposed(*args, transpose=False, **kwargs):
+        if transpose:  # only the backward pass solves with A_mm^T
+            raise torch.linalg.LinAlgError(
+                "The solver failed because the input matrix is singular."
+            )
+        return solve(*args, transpose=transpose, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_landmark_solve", singular_when_transposed)
+    # The core path (value and fuse on the map) is the one whose backward solves with A_mm^T.
+    monkeypatch.setattr(attention_module.CSALR, "projects_on_landmarks", lambda self, h, w: False)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 .*singular"):
         fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
 
 

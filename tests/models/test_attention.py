@@ -596,10 +596,10 @@ def test_landmark_pool_and_spread_pass_gradcheck():
     bias = torch.randn(5, dtype=torch.float64, generator=gen).requires_grad_()
     spread = attention._LandmarkSpread.apply
     assert torch.autograd.gradcheck(
-        lambda q, k, r, b: spread(q, k, r, b, (2, 2), (4, 4)), (q, k_land, rows, bias)
+        lambda q, k, r, b: spread(q, k, r, b, (2, 2), (4, 4), 1.0), (q, k_land, rows, bias)
     )
     assert torch.autograd.gradcheck(
-        lambda q, k, r: spread(q, k, r, None, (2, 2), (4, 4)), (q, k_land, rows)
+        lambda q, k, r: spread(q, k, r, None, (2, 2), (4, 4), 2.0), (q, k_land, rows)
     )
 
 
@@ -613,7 +613,8 @@ def reference_fused(module: CSALR, x: Tensor) -> Tensor:
     q = module.query(x).unflatten(1, (module.groups, -1))  # (B, G, d, H, W)
     k = module.key(x).unflatten(1, (module.groups, -1))  # (B, G, d, H, W)
     v = module.value(x).unflatten(1, (module.groups, -1))  # (B, G, e, H, W)
-    return module.fuse(csalr_attention_reference(q, k, v, module.grid).flatten(1, 2))
+    y = csalr_attention_reference(q, k, v, module.grid, landmark_weight=module.landmark_weight)
+    return module.fuse(y.flatten(1, 2))
 
 
 def module_values_and_grads(module, fn, x: Tensor, grad: Tensor) -> list[Tensor]:
@@ -635,9 +636,14 @@ def module_values_and_grads(module, fn, x: Tensor, grad: Tensor) -> list[Tensor]
     ids=str,
 )
 @pytest.mark.parametrize("projection", ["pixels", "landmarks"])
-def test_both_projections_match_the_reference_float64(channels, groups, grid, hw, projection):
+@pytest.mark.parametrize("weight", [1.0, 2.0], ids=lambda c: f"c={c:g}")
+def test_both_projections_match_the_reference_float64(
+    channels, groups, grid, hw, projection, weight
+):
     torch.manual_seed(groups)
-    module = CSALR(channels, groups=groups, grid=grid, projection=projection).double()
+    module = CSALR(
+        channels, groups=groups, grid=grid, projection=projection, landmark_weight=weight
+    ).double()
     with torch.no_grad():  # logits of a few units: softmaxes far from uniform
         module.query.weight.mul_(10)
         module.key.weight.mul_(10)
@@ -758,3 +764,109 @@ def test_gated_residual_and_pool_gives_the_gate_and_deep_supervision_pooling():
     torch.testing.assert_close(out, x + alpha * fused)
     torch.testing.assert_close(pooled, (x * fused).mean(dim=(2, 3)))
     assert torch.autograd.gradcheck(attention.gated_residual_and_pool, (x, fused, alpha))
+
+
+# ------------------------------------------------------------------------------------------
+# The indicator weight c (A_nm = softmax + c P, A_mm = softmax + c I)
+# ------------------------------------------------------------------------------------------
+
+
+def literal_csalr(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int], c: float) -> Tensor:
+    """Eq. 13-17 for one image and group, written out with loops for P: ``(e, H, W)``.
+
+    Independent of reidkit: avg_pool2d for the landmarks, explicit inverse for A_mm.
+    """
+    d, h, w = q.shape
+    ph, pw = h // grid[0], w // grid[1]
+    q_land = F.avg_pool2d(q[None], (ph, pw))[0].flatten(1)  # (d, m)
+    k_land = F.avg_pool2d(k[None], (ph, pw))[0].flatten(1)  # (d, m)
+    qf, kf, vf = q.flatten(1), k.flatten(1), v.flatten(1)  # (d, n), (d, n), (e, n)
+    m, n = q_land.shape[1], h * w
+    indicator = torch.zeros(n, m, dtype=q.dtype)
+    for i in range(n):
+        row, col = divmod(i, w)
+        indicator[i, (row // ph) * grid[1] + col // pw] = 1.0
+    a_nm = torch.softmax(qf.T @ k_land, dim=1) + c * indicator  # (n, m)
+    a_mm = torch.softmax(q_land.T @ k_land, dim=1) + c * torch.eye(m, dtype=q.dtype)  # (m, m)
+    b = torch.softmax(q_land.T @ kf, dim=1)  # (m, n)
+    y = a_nm @ torch.linalg.inv(a_mm) @ b @ vf.T  # (n, e)
+    return y.T.reshape(-1, h, w)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0, 3.5], ids=lambda c: f"c={c:g}")
+def test_weighted_indicator_matches_a_literal_loop_reference(weight):
+    q, k, v = random_qkv(2, 2, (24, 8), seed=21)
+    fast = csalr_attention(q, k, v, (6, 4), landmark_weight=weight)
+    ref = csalr_attention_reference(q, k, v, (6, 4), landmark_weight=weight)
+    literal = torch.stack(
+        [
+            torch.stack(
+                [literal_csalr(q[b, g], k[b, g], v[b, g], (6, 4), weight) for g in range(2)]
+            )
+            for b in range(2)
+        ]
+    )
+    assert rel_err(fast, literal) < 1e-12
+    assert rel_err(ref, literal) < 1e-12
+
+
+def test_the_indicator_weight_changes_the_result():
+    # A fast path that dropped c would still match itself at c = 1 only.
+    q, k, v = random_qkv(1, 2, (24, 8), seed=22)
+    paper = csalr_attention(q, k, v, (6, 4))
+    weighted = csalr_attention(q, k, v, (6, 4), landmark_weight=2.0)
+    assert rel_err(weighted, paper) > 1e-3
+
+
+def test_weighted_core_passes_gradcheck():
+    q, k, v = tiny_qkv(seed=3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: csalr_attention(q, k, v, (2, 2), landmark_weight=2.0), (q, k, v)
+    )
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0, 3.5], ids=lambda c: f"c={c:g}")
+def test_weighted_map_rows_sum_to_one_and_are_exact_at_full_resolution(weight):
+    # A_nm 1 = A_mm 1 = (1 + c) 1 and B 1 = 1 for every c; with m = n, A_nm = A_mm.
+    q, k, v = random_qkv(2, 2, (24, 8), seed=23, logit_std=3.0)
+    rows = csalr_attention_map(q, k, (6, 4), landmark_weight=weight).sum(dim=-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows), rtol=0, atol=1e-12)
+    exact = csalr_attention(q, k, v, (24, 8), landmark_weight=weight)
+    assert rel_err(exact, full_attention_reference(q, k, v)) < 1e-12
+
+
+def two_cycle_probs(m: int, sharpness: float) -> Tensor:
+    """softmax_m rows where landmark 2j attends to 2j+1 and back: s_kk close to 0.
+
+    The shape attention takes when trained from scratch at a high rate: A_mm = probs + I then
+    has rows [1 + eps, 1 - eps] in each 2x2 block, nearly singular.
+    """
+    logits = torch.zeros(m, m, dtype=torch.float64)
+    partner = torch.arange(m) ^ 1  # 0<->1, 2<->3, ...
+    logits[torch.arange(m), partner] = sharpness
+    return logits.softmax(dim=-1)[None]  # (1, m, m)
+
+
+def test_weight_two_bounds_the_landmark_inverse_where_the_papers_weight_does_not():
+    probs = two_cycle_probs(96, sharpness=40.0)  # s_kk ~ 4e-18
+    eye = torch.eye(96, dtype=torch.float64)[None]
+    inverse_c2 = attention._landmark_solve(probs, eye, weight=2.0)  # (probs + 2I)^-1
+    torch.testing.assert_close((probs + 2 * eye) @ inverse_c2, eye, rtol=0, atol=1e-12)
+    # Varah: ||A^-1||_inf <= 1 / (c - 1 + 2 min s_kk) = 1 at c = 2.
+    assert inverse_c2.abs().sum(dim=-1).max() <= 1 + 1e-12
+    # The paper's c = 1: the same probabilities leave A_mm singular to working precision.
+    assert torch.linalg.cond(probs + eye).item() > 1e12
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0, -1.0, float("nan")])
+def test_a_landmark_weight_below_one_is_refused(weight):
+    q, k, v = random_qkv(1, 1, (8, 4))
+    with pytest.raises(ConfigError, match="landmark_weight"):
+        csalr_attention(q, k, v, (4, 2), landmark_weight=weight)
+    with pytest.raises(ConfigError, match="landmark_weight"):
+        CSALR(16, grid=(4, 2), landmark_weight=weight)
+
+
+def test_build_attention_passes_the_landmark_weight_to_csalr_only():
+    assert build_attention("csalr", 16, grid=(4, 2), landmark_weight=2.0).landmark_weight == 2.0
+    assert not hasattr(build_attention("sa", 16, landmark_weight=2.0), "landmark_weight")

@@ -320,6 +320,8 @@ def test_build_model_honours_kind_stages_head_and_options():
     no_ds = build_model(config("attention.deep_supervision=false"), 3)
     assert len(no_ds.aux_classifiers) == 0 and len(no_ds.attention) == 3
     assert build_model(config("attention.recompute=true"), 3).recompute
+    weighted = build_model(config("attention.landmark_weight=2"), 3)
+    assert {m.landmark_weight for m in weighted.attention.values()} == {2.0}
 
 
 def test_build_model_loads_imagenet_weights_into_the_trunk(tmp_path):
