@@ -40,7 +40,11 @@ class DemoResult:
 
 
 def chance_rank1(manifest: Path) -> float:
-    """Expected rank-1 of a random ranking: per query, true matches / valid gallery entries."""
+    """Expected rank-1 of a random ranking: per query, true matches / valid gallery entries.
+
+    Valid entries are those the protocol keeps (not the query's pid in the query's camera);
+    queries without a true match among them are skipped, as the evaluation skips them.
+    """
     frame = read_manifest(manifest)
     query, gallery = frame[frame["split"] == "query"], frame[frame["split"] == "gallery"]
     g_pids, g_camids = gallery["pid"].to_numpy(), gallery["camid"].to_numpy()
@@ -57,18 +61,21 @@ def run_demo(
     out: Path,
     *,
     overrides: tuple[str, ...] = (),
+    spec: SyntheticSpec | None = None,
     progress: bool = True,
     step: Callable[[str], None] = lambda _: None,
 ) -> DemoResult:
     """Prepare synthetic data, train `smoke`, evaluate, index the gallery, search one query.
 
     Everything goes under `out`: data/, run/ (checkpoint, metrics, curves), index/ and
-    ranked.png. Re-running reuses the prepared data and a finished training run.
+    ranked.png. Re-running reuses the prepared data and a finished training run. `spec` sizes
+    the synthetic dataset (default `SyntheticSpec()`) and `overrides` are `--set` values on top
+    of `smoke`; tests shrink both.
     """
     out = Path(out).expanduser()
     data = out / "data"
     step(f"1/5 preparing the synthetic dataset in {data}")
-    dataset = prepare_dataset("synthetic", data, synthetic=SyntheticSpec(), progress=progress)
+    dataset = prepare_dataset("synthetic", data, synthetic=spec, progress=progress)
 
     config = load_preset("smoke", [f"data.root={data}", "data.dataset=synthetic", *overrides])
     run = out / "run"

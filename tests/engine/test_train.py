@@ -13,7 +13,8 @@ import torch
 
 from reidkit.config import load_preset
 from reidkit.engine import train as train_module
-from reidkit.engine.checkpoint import load_checkpoint
+from reidkit.engine.checkpoint import load_checkpoint, load_model
+from reidkit.engine.evaluate import evaluate_model
 from reidkit.engine.train import (
     TrainingDiverged,
     fit,
@@ -182,9 +183,59 @@ def test_reid_loss_is_part_sum_plus_weighted_deep_supervision():
     torch.testing.assert_close(losses["loss"], expected_parts + 0.5 * expected_ds)
 
 
+# Run through torchrun in place of `python -m reidkit`: the real CLI and training loop, with
+# each epoch wrapped to save this rank's parameters and the training images it was given.
+DDP_PROBE = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from reidkit.cli import app
+from reidkit.engine import train
+
+probe = Path(sys.argv.pop(1))
+train_one_epoch = train._train_one_epoch
+
+
+class Recording:
+    def __init__(self, loader, seen):
+        self.loader, self.seen = loader, seen
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.extend(batch[3].tolist())
+            yield batch
+
+
+def probed(model, loader, *args, epoch, **kwargs):
+    net = getattr(model, "module", model)
+    rank = os.environ["RANK"]
+    if epoch == 0:
+        start = {name: p.detach().clone() for name, p in net.named_parameters()}
+        torch.save(start, probe / f"rank{rank}-start.pt")
+    seen = []
+    row = train_one_epoch(model, Recording(loader, seen), *args, epoch=epoch, **kwargs)
+    parameters = {name: p.detach().clone() for name, p in net.named_parameters()}
+    torch.save({"parameters": parameters, "seen": seen}, probe / f"rank{rank}-{epoch + 1}.pt")
+    return row
+
+
+train._train_one_epoch = probed
+app(prog_name="reidkit")
+"""
+
+
 def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
     """The real launcher: 2 CPU processes, DistributedDataParallel over gloo."""
-    out = tmp_path / "ddp"
+    out, probe = tmp_path / "ddp", tmp_path / "probe"
+    probe.mkdir()
+    script = tmp_path / "reidkit_probed.py"
+    script.write_text(DDP_PROBE)
     settings = [arg for item in (*tiny_overrides, "train.epochs=2") for arg in ("--set", item)]
     command = [
         sys.executable,
@@ -192,8 +243,8 @@ def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--standalone",
-        "-m",
-        "reidkit",
+        str(script),
+        str(probe),
         "train",
         "--preset",
         "smoke",
@@ -215,10 +266,30 @@ def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
         "metrics.csv",
     ]
 
+    start = torch.load(probe / "rank1-start.pt", weights_only=True)
+    for epoch in (1, 2):
+        ranks = [torch.load(probe / f"rank{r}-{epoch}.pt", weights_only=True) for r in (0, 1)]
+        # each rank trained on its own half of the 48 training images...
+        halves = [set(rank["seen"]) for rank in ranks]
+        assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 24
+        assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(48))
+        # ...yet the two ranks hold the same weights: the gradients were averaged across them.
+        # Trained alone on different images, their weights would have parted after one step.
+        zero, one = ranks[0]["parameters"], ranks[1]["parameters"]
+        assert zero.keys() == one.keys() == start.keys()
+        assert [name for name in zero if not torch.equal(zero[name], one[name])] == []
+    assert [name for name in one if torch.equal(one[name], start[name])] == []  # all trained
+    assert [name for name in one if not torch.equal(one[name], state.model[name])] == []
+
 
 def test_evaluation_during_training_is_recorded_per_evaluated_epoch(tiny_config, tmp_path: Path):
     config = tiny_config("train.epochs=2", "train.eval_every=2")
-    fit(config, tmp_path / "run", progress=False)
+    checkpoint = fit(config, tmp_path / "run", progress=False)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["rank1"].isna().tolist() == [True, False]
-    assert 0 <= metrics["rank1"].iloc[1] <= 1 and 0 <= metrics["mAP"].iloc[1] <= 1
+    # the recorded numbers are what `reidkit evaluate` gives for epoch 2's weights
+    model, state = load_model(checkpoint)
+    assert state.epoch == 2
+    report = evaluate_model(model, state.config, progress=False)
+    assert metrics["rank1"].iloc[1] == pytest.approx(report.metrics.rank(1), abs=1e-12)
+    assert metrics["mAP"].iloc[1] == pytest.approx(report.metrics.mAP, abs=1e-12)

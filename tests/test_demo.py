@@ -1,0 +1,102 @@
+"""`reidkit demo`: the chance baseline by hand, and the whole pipeline on the tiny synthetic set."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from reidkit.cli import app
+from reidkit.data.loading import read_manifest
+from reidkit.engine import demo as demo_module
+from reidkit.engine.checkpoint import load_checkpoint
+from reidkit.engine.demo import chance_rank1, run_demo
+
+
+def test_chance_rank1_averages_matches_over_valid_entries_of_queries_with_a_match(
+    tmp_path: Path,
+):
+    rows = [
+        ("a.jpg", 1, 1, "query"),  # 2 true matches (b, e) among 4 valid entries (not a1): 1/2
+        ("f.jpg", 2, 2, "query"),  # 1 true match (c) among all 5 entries: 1/5
+        ("g.jpg", 2, 1, "query"),  # its only same-pid entry is in its own camera: skipped
+        ("a1.jpg", 1, 1, "gallery"),
+        ("b.jpg", 1, 2, "gallery"),
+        ("c.jpg", 2, 1, "gallery"),
+        ("d.jpg", 0, 2, "gallery"),  # distractor
+        ("e.jpg", 1, 3, "gallery"),
+        ("t.jpg", 2, 2, "train"),  # not in the gallery, so no match for anyone
+    ]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "pid", "camid", "split"]).to_csv(manifest, index=False)
+    assert chance_rank1(manifest) == pytest.approx((1 / 2 + 1 / 5) / 2)
+
+
+def demo_settings(tiny_overrides: list[str]) -> tuple[str, ...]:
+    """The tiny model and one epoch; the demo itself names the dataset and its root."""
+    keep = [o for o in tiny_overrides if not o.startswith(("data.dataset=", "data.root="))]
+    return (*keep, "train.epochs=1")
+
+
+def test_demo_runs_the_pipeline_then_reuses_the_finished_run(
+    tiny_spec, tiny_overrides, tmp_path: Path, monkeypatch
+):
+    out = tmp_path / "demo"
+    settings = demo_settings(tiny_overrides)
+    first = run_demo(out, overrides=settings, spec=tiny_spec, progress=False)
+
+    assert first.trained and not first.dataset.reused
+    assert first.checkpoint == out / "run" / "last.pt"
+    assert load_checkpoint(first.checkpoint).epoch == 1
+    for picture in (first.curves_png, first.ranked_png):
+        assert picture.read_bytes().startswith(b"\x89PNG"), picture
+    assert {"index.faiss", "features.npy", "meta.csv", "info.json"} <= {
+        p.name for p in first.index.iterdir()
+    }
+    # 4 test identities, each queried once in one of 2 cameras: 3 x 2 - 1 images of each stay
+    # in the gallery, plus 2 distractors
+    assert (first.report.num_query, first.report.num_gallery) == (4, 22)
+    assert first.report.dataset == "synthetic"
+    # a query keeps 20 of the 22 (its 2 same-camera twins go) and 3 of them are true matches
+    assert first.chance_rank1 == pytest.approx(3 / 20)
+    frame = read_manifest(first.dataset.manifest)
+    assert first.search.query == Path(frame[frame["split"] == "query"]["path"].iloc[0])
+    assert [m.rank for m in first.search.matches] == list(range(1, 11))
+
+    # the second run, through the command line, must not train again
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished run was trained again")
+
+    monkeypatch.setattr(demo_module, "fit", no_training)
+    checkpoint_bytes = first.checkpoint.read_bytes()
+    results, steps = [], []
+
+    def tiny_demo(out, *, step, **kwargs):
+        def shown_step(text: str) -> None:
+            steps.append(text)
+            step(text)
+
+        kwargs.update(overrides=settings, spec=tiny_spec, progress=False)
+        results.append(run_demo(out, step=shown_step, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(demo_module, "run_demo", tiny_demo)
+    shown = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    (second,) = results
+    assert not second.trained and second.dataset.reused
+    assert first.checkpoint.read_bytes() == checkpoint_bytes
+    assert f"2/5 reusing the finished run in {out / 'run'}" in steps
+    printed = "".join(shown.stdout.split())  # Rich wraps long paths at the console's width
+    assert "".join(steps[1].split()) in printed
+    # rank-1 over 4 valid queries is a multiple of 1/4, and the printed table carries it
+    rank1 = second.report.metrics.rank(1)
+    assert rank1 == first.report.metrics.rank(1)
+    assert 4 * rank1 == int(4 * rank1)
+    printed_rank1 = re.search(r"reidkit\W+(\d+\.\d)", shown.stdout)  # the table's first cell
+    assert printed_rank1 and float(printed_rank1.group(1)) == pytest.approx(100 * rank1)
+    assert "chance rank-1 (random ranking): 15.0%" in shown.stdout
+    assert f"ranked{second.ranked_png}" in printed
