@@ -380,12 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{BUSY_CORES_LIMIT} is run again, up to --retries rounds in all)"
         )
     if args.json:
-        args.json.write_text(
+        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
+        temporary.write_text(
             json.dumps(
                 {"header": header, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
                 indent=2,
             )
         )
+        temporary.replace(args.json)
     columns = ["config", "part", "map", "groups", "m", "ms", "x SA", "peak MiB", "x SA"]
     if device == "cpu":
         columns.append("others")

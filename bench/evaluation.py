@@ -300,12 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         "1.5 s on this machine as the issue quotes it; not measured here)"
     )
     if args.json:
-        args.json.write_text(
+        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
+        temporary.write_text(
             json.dumps(
                 {"header": header, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
                 indent=2,
             )
         )
+        temporary.replace(args.json)
     print_table(rows, args, header)
     return 0
 

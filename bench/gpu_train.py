@@ -83,7 +83,9 @@ def main() -> None:
           f"{load_preset('pcb').train.amp}")  # fmt: skip
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
+        temporary.write_text(json.dumps(rows, indent=2) + "\n")
+        temporary.replace(args.json)
 
 
 if __name__ == "__main__":

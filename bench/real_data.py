@@ -104,7 +104,9 @@ def main() -> None:
     if args.json:
         rows = {"training": metrics.to_dict("records"), "evaluation": evaluation,
                 "minutes": trained_minutes, "overrides": overrides}  # fmt: skip
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
+        temporary.write_text(json.dumps(rows, indent=2) + "\n")
+        temporary.replace(args.json)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reidkit.errors import ReidkitError
@@ -21,10 +27,69 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(err: Exception, code: int = 1) -> typer.Exit:
+# What to do about an operating-system error, by its errno; the path itself is named first.
+OS_ERROR_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOENT: "check the path",
+    errno.EISDIR: "give a file path, not a folder",
+    errno.ENOTDIR: "part of the path is a file, not a folder",
+    errno.ENOSPC: "free some disk space",
+}
+
+
+def describe(err: BaseException) -> str:
+    """The one-line text of an error; an OSError as `PATH: reason; what to do`."""
+    if not isinstance(err, OSError) or not err.strerror:
+        return str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    text = f"{' -> '.join(paths)}: {err.strerror}" if paths else err.strerror
+    hint = OS_ERROR_HINTS.get(err.errno)
+    return f"{text}; {hint}" if hint else text
+
+
+def fail(err: BaseException, code: int = 1) -> typer.Exit:
     """One red line on stderr, no traceback; the caller raises what this returns."""
-    err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(describe(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextmanager
+def writing(option: str, path: Path) -> Iterator[None]:
+    """Name the option and its path when writing an output file fails."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        hint = OS_ERROR_HINTS.get(err.errno, "choose another path")
+        raise ReidkitError(f"cannot write {option} {path}: {reason}; {hint}") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file beside `path`, renamed into place; none is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_output(option: str, path: Path) -> None:
+    """Refuse an output path that cannot be written, before any long computation."""
+    if path.is_dir():
+        raise ReidkitError(f"{option} {path} is a folder; give a file path")
+    existing = next(p for p in path.parents if p.exists())  # the filesystem root exists
+    if not existing.is_dir():
+        raise ReidkitError(f"cannot write {option} {path}: {existing} is a file, not a folder")
+    with writing(option, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise ReidkitError(
+            f"cannot write {option} {path}: {path.parent} is not writable; choose another path"
+        )
 
 
 @app.command()
@@ -35,8 +100,11 @@ def presets() -> None:
     table = Table(title="presets (reidkit train --preset NAME)")
     table.add_column("name", style="bold")
     table.add_column("description")
-    for name, path in available_presets().items():
-        table.add_row(name, preset_description(path))
+    try:
+        for name, path in available_presets().items():
+            table.add_row(name, preset_description(path))
+    except (ReidkitError, OSError) as err:
+        raise fail(err) from None
     console.print(table)
 
 
@@ -99,10 +167,10 @@ def prepare(
             table.add_row(what, f"{expected:,}", f"{found:,}", style=style)
         err_console.print(table)
         raise fail(err) from None
-    except ReidkitError as err:
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     table = Table(title=f"{result.name}: {result.manifest}")
     for column in ("split", "identities", "images", "cameras"):
         table.add_column(column, justify="right" if column != "split" else "left")
@@ -152,7 +220,7 @@ def train(
             extra.append(f"data.root={data_root.expanduser()}")
         config = load_preset(preset, extra)
         checkpoint = fit(config, out, resume=resume)
-    except ReidkitError as err:
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
     if is_main_process():
         console.print(f"checkpoint: {checkpoint}")
@@ -226,8 +294,6 @@ def evaluate(
     cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
 ) -> None:
     """Rank the gallery for every query; print R1/R5/R10/mAP/mINP beside the paper's row."""
-    import json
-
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
@@ -236,6 +302,9 @@ def evaluate(
     if feature not in (None, "g", "h"):
         raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
     try:
+        for option, path in (("--json", json_out), ("--cmc-plot", cmc_plot)):
+            if path is not None:
+                check_output(option, path)
         report = run_evaluation(
             checkpoint,
             dataset,
@@ -245,17 +314,18 @@ def evaluate(
             rerank=rerank,
             feature=feature,
         )
-    except ReidkitError as err:
+        print_report(report)
+        if json_out is not None:
+            with writing("--json", json_out):
+                write_json(json_out, report.as_dict())
+            console.print(f"results: {json_out}")
+        if cmc_plot is not None:
+            title = f"{report.preset} on {report.dataset}"
+            with writing("--cmc-plot", cmc_plot):
+                save_cmc_curve(report.metrics.cmc, cmc_plot, title)
+            console.print(f"CMC curve: {cmc_plot}")
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
-    print_report(report)
-    if json_out is not None:
-        temporary = json_out.with_name(f".{json_out.name}.tmp")
-        temporary.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-        temporary.replace(json_out)
-        console.print(f"results: {json_out}")
-    if cmc_plot is not None:
-        save_cmc_curve(report.metrics.cmc, cmc_plot, f"{report.preset} on {report.dataset}")
-        console.print(f"CMC curve: {cmc_plot}")
 
 
 @app.command()
@@ -274,8 +344,12 @@ def extract(
         typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
     ] = None,
     index: Annotated[
-        str, typer.Option(help="flat (exact), ivf or hnsw (approximate, for huge galleries)")
-    ] = "flat",
+        str | None,
+        typer.Option(
+            help="flat (exact), ivf or hnsw (approximate, for huge galleries); "
+            "default: the checkpoint's eval.index"
+        ),
+    ] = None,
     flip: Annotated[
         bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
     ] = None,
@@ -286,7 +360,7 @@ def extract(
 
     if split not in ("query", "gallery", "train"):
         raise fail(ValueError(f"--split {split!r}: choose query, gallery or train"), 2)
-    if index not in ("flat", "ivf", "hnsw"):
+    if index not in (None, "flat", "ivf", "hnsw"):
         raise fail(ValueError(f"--index {index!r}: choose flat, ivf or hnsw"), 2)
     if feature not in (None, "g", "h"):
         raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
@@ -302,7 +376,7 @@ def extract(
             flip=flip,
             feature=feature,
         )
-    except ReidkitError as err:
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
     console.print(f"index: {folder} (index.faiss, features.npy, meta.csv, info.json)")
 
@@ -330,16 +404,18 @@ def search(
     index: Annotated[
         Path | None, typer.Option(help="index folder from `reidkit extract` (default: runs/index)")
     ] = None,
-    top: Annotated[int, typer.Option(help="how many matches to show per query")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="how many matches to show per query")] = 10,
     save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
     from reidkit.engine.search import save_results_montage, search_index
 
     try:
+        check_output("--save", save)
         results = search_index(queries, index, top=top)
-        montage = save_results_montage(results, save)
-    except ReidkitError as err:
+        with writing("--save", save):
+            montage = save_results_montage(results, save)
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
     print_search(results)
     console.print(f"montage: {montage}")
@@ -356,7 +432,7 @@ def demo(
 
     try:
         result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
-    except ReidkitError as err:
+    except (ReidkitError, OSError) as err:
         raise fail(err) from None
     print_report(result.report)
     console.print(f"chance rank-1 (random ranking): {100 * result.chance_rank1:.1f}%")

@@ -7,13 +7,14 @@ preset in `presets/` states what its row changes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from reidkit.errors import ConfigError
 
@@ -79,7 +80,6 @@ class TrainConfig:
     channels_last: bool = True  # faster convolutions on CUDA; ignored on CPU
     seed: int = 0
     eval_every: int = 0  # evaluate on query/gallery every N epochs; 0 = never
-    log_every: int = 10  # progress-bar refresh in steps
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,11 @@ def available_presets() -> dict[str, Path]:
 
 def preset_description(path: Path) -> str:
     """The `description` line of a preset file, without building the whole config."""
-    with open(path, "rb") as f:
-        return str(tomllib.load(f).get("description", ""))
+    try:
+        with open(path, "rb") as f:
+            return str(tomllib.load(f).get("description", ""))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"preset {path} is not valid TOML: {err}") from None
 
 
 def load_preset(
@@ -188,21 +191,34 @@ def config_from_dict(
         for key, value in values.items():
             kwargs[key] = _coerce(section, key, value, source)
         sections[section] = cls(**kwargs)
-    paper = {}
-    for dataset, row in raw.get("paper", {}).items():
-        try:
-            paper[dataset] = PaperRow(**{k: float(v) for k, v in row.items()})
-        except TypeError:
-            valid = ", ".join(f.name for f in fields(PaperRow))
-            raise ConfigError(f"{source}: [paper.{dataset}] needs exactly {valid}") from None
     config = RunConfig(
         name=str(raw.get("name", default_name)),
         description=str(raw.get("description", "")),
-        paper=paper,
+        paper=_paper_rows(raw.get("paper", {}), source),
         **sections,
     )
     validate(config)
     return config
+
+
+def _paper_rows(table: Any, source: str) -> dict[str, PaperRow]:
+    """`[paper.DATASET]` tables -> PaperRow, each holding exactly the four metrics as numbers."""
+    names = [f.name for f in fields(PaperRow)]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: paper must be [paper.DATASET] tables of {', '.join(names)}")
+    rows = {}
+    for dataset, row in table.items():
+        if not isinstance(row, dict) or sorted(row) != sorted(names):
+            raise ConfigError(
+                f"{source}: [paper.{dataset}] needs exactly {', '.join(names)}, each a number"
+            )
+        for key, value in row.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"{source}: [paper.{dataset}] {key} = {value!r} must be a number (percent)"
+                )
+        rows[str(dataset)] = PaperRow(**{key: float(value) for key, value in row.items()})
+    return rows
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
@@ -314,8 +330,59 @@ def stage_map_size(config: RunConfig, stage: int) -> tuple[int, int]:
     return config.data.height // stride, config.data.width // stride
 
 
+def _at_least(low: float) -> Callable[[float], bool]:
+    return lambda value: low <= value < math.inf  # comparisons with NaN are false: refused
+
+
+def _above(low: float) -> Callable[[float], bool]:
+    return lambda value: low < value < math.inf
+
+
+def _within(low: float, high: float) -> Callable[[float], bool]:
+    return lambda value: low <= value <= high
+
+
+# Ranges a single field must lie in, whatever the others hold: (field, test, what is valid).
+# Each one otherwise fails late, e.g. step_size = 0 divides by zero in the first epoch and an
+# eval.batch_size of 0, stored in the checkpoint, breaks every later evaluate and extract.
+FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.height", _at_least(32), "a multiple of 32, at least 32"),
+    ("data.width", _at_least(32), "a multiple of 32, at least 32"),
+    ("data.flip", _within(0, 1), "a probability in [0, 1]"),
+    ("data.random_erasing", _within(0, 1), "a probability in [0, 1]"),
+    ("data.pad_crop", _at_least(0), "0 (off) or a number of pixels"),
+    ("data.instances", _at_least(1), "at least 1 image per identity"),
+    ("data.workers", _at_least(0), "0 (load in the main process) or more worker processes"),
+    ("model.parts", _at_least(1), "at least 1 stripe"),
+    ("model.reduced", _at_least(1), "at least 1 channel"),
+    ("model.dropout", lambda p: 0 <= p < 1, "a probability in [0, 1)"),
+    ("attention.bases", _at_least(1), "at least 1 basis"),
+    ("attention.ds_weight", _at_least(0), "0 (no deep supervision loss) or a positive weight"),
+    ("train.epochs", _at_least(1), "at least 1 epoch"),
+    ("train.rpp_epochs", _at_least(0), "0 (PCB only) or a number of epochs"),
+    # more than rpp_epochs is allowed: the whole RPP stage then trains the classifier alone
+    ("train.rpp_classifier_epochs", _at_least(0), "0 or a number of epochs"),
+    ("train.batch_size", _at_least(1), "at least 1 image"),
+    ("train.lr", _above(0), "a positive learning rate"),
+    ("train.trunk_lr_mult", _at_least(0), "0 (frozen trunk) or a positive multiplier"),
+    ("train.momentum", lambda m: 0 <= m < 1, "a number in [0, 1)"),
+    ("train.weight_decay", _at_least(0), "0 or a positive weight decay"),
+    ("train.step_size", _at_least(1), "at least 1 epoch between learning-rate steps"),
+    ("train.gamma", _above(0), "a positive factor (the paper's 0.1)"),
+    ("train.grad_clip", _at_least(0), "0 (off) or a positive gradient norm"),
+    ("train.eval_every", _at_least(0), "0 (never) or a number of epochs"),
+    ("eval.max_rank", _at_least(1), "at least 1 rank"),
+    ("eval.batch_size", _at_least(1), "at least 1 image"),
+)
+
+
 def validate(config: RunConfig) -> None:
-    """Cross-field checks that would otherwise fail deep inside a run."""
+    """Field ranges, then cross-field checks: each would otherwise fail deep inside a run."""
+    for dotted, valid, what in FIELD_RANGES:
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if not valid(value):
+            raise ConfigError(f"{dotted} = {value}: give {what}")
     data, model, attn, train = config.data, config.model, config.attention, config.train
     if data.height % 32 or data.width % 32:
         raise ConfigError(
@@ -365,10 +432,6 @@ def validate(config: RunConfig) -> None:
         )
     if model.head == "pcb" and train.rpp_epochs:
         raise ConfigError("train.rpp_epochs is set but model.head = pcb; set model.head=rpp")
-    if train.grad_clip < 0:
-        raise ConfigError("train.grad_clip must be 0 (off) or a positive gradient norm")
-    if train.epochs < 1 or train.batch_size < 1:
-        raise ConfigError("train.epochs and train.batch_size must be at least 1")
 
 
 def data_root(config_root: str = "") -> Path:

@@ -19,3 +19,7 @@ class CheckpointError(ReidkitError):
 
 class IndexFolderError(ReidkitError):
     """A gallery index folder is missing, incomplete or inconsistent."""
+
+
+class NumericalError(ReidkitError):
+    """A model's computation failed in floating point, e.g. a singular CSALR landmark matrix."""

@@ -151,3 +151,107 @@ def test_data_root_prefers_argument_then_environment(monkeypatch, tmp_path: Path
     assert data_root("") == tmp_path / "env"
     monkeypatch.delenv("REIDKIT_DATA")
     assert data_root("") == Path("~/data").expanduser()
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.height=0", "data.height = 0: give a multiple of 32, at least 32"),
+        ("data.width=0", "data.width = 0: give a multiple of 32, at least 32"),
+        ("data.flip=1.5", "data.flip = 1.5: give a probability in [0, 1]"),
+        ("data.flip=nan", "data.flip = nan: give a probability"),
+        ("data.random_erasing=-0.1", "data.random_erasing = -0.1: give a probability"),
+        ("data.pad_crop=-1", "data.pad_crop = -1: give 0 (off)"),
+        ("data.instances=0", "data.instances = 0: give at least 1"),
+        ("data.workers=-1", "data.workers = -1: give 0"),
+        ("model.parts=0", "model.parts = 0: give at least 1"),
+        ("model.reduced=0", "model.reduced = 0: give at least 1"),
+        ("model.dropout=1", "model.dropout = 1.0: give a probability in [0, 1)"),
+        ("attention.bases=0", "attention.bases = 0: give at least 1"),
+        ("attention.ds_weight=-1", "attention.ds_weight = -1.0: give 0"),
+        ("train.epochs=0", "train.epochs = 0: give at least 1"),
+        ("train.rpp_epochs=-1", "train.rpp_epochs = -1: give 0"),
+        ("train.rpp_classifier_epochs=-1", "train.rpp_classifier_epochs = -1: give 0"),
+        ("train.batch_size=0", "train.batch_size = 0: give at least 1"),
+        ("train.lr=0", "train.lr = 0.0: give a positive learning rate"),
+        ("train.lr=inf", "train.lr = inf: give a positive learning rate"),
+        ("train.trunk_lr_mult=-0.1", "train.trunk_lr_mult = -0.1: give 0"),
+        ("train.momentum=-0.5", "train.momentum = -0.5: give a number in [0, 1)"),
+        ("train.weight_decay=-1e-4", "train.weight_decay = -0.0001: give 0"),
+        ("train.step_size=0", "train.step_size = 0: give at least 1"),
+        ("train.gamma=0", "train.gamma = 0.0: give a positive factor"),
+        ("train.grad_clip=-1", "train.grad_clip = -1.0: give 0 (off)"),
+        ("train.eval_every=-1", "train.eval_every = -1: give 0 (never)"),
+        ("eval.max_rank=0", "eval.max_rank = 0: give at least 1"),
+        ("eval.batch_size=0", "eval.batch_size = 0: give at least 1"),
+    ],
+)
+def test_out_of_range_value_is_refused_naming_the_key_and_the_range(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(RunConfig(), [override])
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.flip=0",
+        "data.flip=1",
+        "data.workers=0",
+        "data.pad_crop=0",
+        "model.dropout=0",
+        "attention.ds_weight=0",
+        "train.trunk_lr_mult=0",
+        "train.momentum=0",
+        "train.weight_decay=0",
+        "train.step_size=1",
+        "train.grad_clip=0",
+        "train.eval_every=0",
+        "eval.max_rank=1",
+        "eval.batch_size=1",
+    ],
+)
+def test_range_boundaries_are_accepted(override):
+    apply_overrides(RunConfig(), [override])
+
+
+def test_a_bad_value_in_a_preset_file_is_refused_like_an_override(tmp_path: Path):
+    path = tmp_path / "zero.toml"
+    path.write_text("[train]\nstep_size = 0\n")
+    with pytest.raises(ConfigError, match="train.step_size = 0: give at least 1"):
+        load_preset(path)
+
+
+PAPER_ROW = "rank1 = 94.0\nrank5 = 98.1\nrank10 = 98.8\nmAP = 83.8\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('paper = 3\nname = "x"\n', "paper must be [paper.DATASET] tables"),
+        ("[paper]\nmarket1501 = 94.0\n", "[paper.market1501] needs exactly rank1, rank5"),
+        ("[paper.market1501]\nrank1 = 94.0\n", "[paper.market1501] needs exactly"),
+        (f"[paper.market1501]\n{PAPER_ROW}extra = 1\n", "[paper.market1501] needs exactly"),
+        (
+            "[paper.market1501]\n" + PAPER_ROW.replace("94.0", '"abc"'),
+            "[paper.market1501] rank1 = 'abc' must be a number",
+        ),
+        (
+            "[paper.market1501]\n" + PAPER_ROW.replace("94.0", "true"),
+            "rank1 = True must be a number",
+        ),
+    ],
+)
+def test_malformed_paper_table_is_refused_naming_the_row(tmp_path: Path, text, fragment):
+    path = tmp_path / "paper.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_preset(path)
+    assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def test_paper_row_of_integers_loads_as_floats(tmp_path: Path):
+    path = tmp_path / "paper.toml"
+    path.write_text("[paper.market1501]\nrank1 = 94\nrank5 = 98\nrank10 = 99\nmAP = 84\n")
+    row = load_preset(path).paper["market1501"]
+    assert (row.rank1, row.mAP) == (94.0, 84.0) and isinstance(row.rank1, float)

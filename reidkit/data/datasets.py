@@ -16,9 +16,9 @@ from reidkit.errors import DatasetError
 SPLITS = ("train", "query", "gallery")
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
-# Pid and camera from a Market-style file name, e.g. `0002_c1s1_000451_03.jpg` -> 2, 1.
-# The camera id is kept as the file name writes it (c1 -> 1): no shift anywhere in reidkit.
-FILENAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
+# Pid and camera at the start of a Market-style file name, e.g. `0002_c1s1_000451_03.jpg`
+# -> 2, 1 (junk boxes are `-1_c...`). Read names with `parse_market_name`.
+FILENAME_PATTERN = re.compile(r"(-?\d+)_c(\d)", re.ASCII)
 JUNK_PID = -1  # Market-1501's badly detected boxes: dropped everywhere
 DISTRACTOR_PID = 0  # Market-1501's distractors: kept in the gallery as negatives
 
@@ -61,7 +61,6 @@ class DatasetSpec:
     cameras: int
     availability: str  # why reidkit cannot fetch it: said when no source is found
     variants: Mapping[str, VariantSpec] = field(hash=False)
-    pattern: re.Pattern[str] = FILENAME_PATTERN
     extensions: tuple[str, ...] = (".jpg", ".png")
 
     @property
@@ -157,6 +156,19 @@ def canonical_name(name: str) -> str:
     return DATASET_NAMES[key]
 
 
+def parse_market_name(name: str) -> tuple[int, int] | None:
+    """(pid, camid) from a file name that starts `PID_cCAM`, else None.
+
+    `0002_c1s1_000451_03.jpg` -> (2, 1); `-1_c3s2_000001_01.jpg` -> (-1, 3) (a junk box). The
+    name must start with the pattern: `holiday_2019_c1.jpg` and `2024-01-15_c1_0001.jpg` give
+    None, never a pid read from the middle of the name. The camera id is kept as the name
+    writes it (c1 -> 1): no shift anywhere in reidkit.
+    """
+    match = FILENAME_PATTERN.match(name)
+    # ASCII digits with at most a leading minus: int() cannot fail on what the pattern took
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def strip_archive_suffix(filename: str) -> str:
     """`Market-1501-v15.09.15.zip` -> `Market-1501-v15.09.15`; other names unchanged."""
     lowered = filename.lower()
@@ -187,11 +199,29 @@ def read_manifest(path: Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        folder = path.parent
-        raise DatasetError(
-            f"no manifest at {path}; run `reidkit prepare {folder.name} {folder.parent}` first"
-        )
+        raise DatasetError(f"no manifest at {path}; {_prepare_hint(path.parent)}")
     return read_table(path)
+
+
+def _prepare_hint(folder: Path) -> str:
+    """How to prepare the dataset a missing ROOT/NAME/manifest.csv stands for."""
+    name, root = folder.name, folder.parent
+    for spec in DATASETS.values():
+        for variant, layout in spec.variants.items():
+            if layout.default_name == name:
+                option = f" --variant {variant}" if variant != DEFAULT_VARIANT else ""
+                return f"run `reidkit prepare {spec.name} {root}{option}` first"
+    if name == "synthetic":
+        return f"run `reidkit prepare synthetic {root}` first"
+    try:
+        prepared = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
+    except OSError:
+        prepared = []
+    listed = ", ".join(prepared) if prepared else "none"
+    return (
+        f"datasets prepared in {root}: {listed}; to prepare a folder or CSV as {name!r}, "
+        f"run `reidkit prepare custom {root} --source FOLDER_OR_CSV --name {name}`"
+    )
 
 
 def read_table(path: Path, *, camid_optional: bool = False) -> pd.DataFrame:

@@ -39,7 +39,6 @@ from rich.console import Console
 from reidkit import __version__
 from reidkit.data.datasets import (
     DATASETS,
-    FILENAME_PATTERN,
     JUNK_PID,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
@@ -49,6 +48,7 @@ from reidkit.data.datasets import (
     PublishedCounts,
     VariantSpec,
     canonical_name,
+    parse_market_name,
     read_manifest,
     read_table,
 )
@@ -164,7 +164,7 @@ def _prepare_official(
         return replace(result, warnings=(*result.warnings, note))
     warnings = _leftovers(folder)
     base, source = _locate(spec, layout, folder, source, progress, warnings)
-    frame, junk = _scan_layout(base, spec.pattern, spec.extensions)
+    frame, junk = _scan_layout(base, spec.extensions)
     verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
     _check_images(frame["path"], full=check_images, progress=progress)
     record = {"dataset": spec.name, "variant": variant, "source": str(source), "junk": junk}
@@ -188,7 +188,7 @@ def _prepare_custom(
         )
     notes: list[str] = []
     if source.is_dir():
-        frame, junk = _scan_layout(source, FILENAME_PATTERN, CUSTOM_EXTENSIONS)
+        frame, junk = _scan_layout(source, CUSTOM_EXTENSIONS)
     elif source.is_file() and source.suffix.lower() == ".csv":
         frame, junk = _read_custom_csv(source)
         if "camid" not in frame.columns:
@@ -225,7 +225,7 @@ def _prepare_synthetic(spec: SyntheticSpec, folder: Path, progress: bool) -> Pre
     try:
         work = staging / folder.name
         generate_synthetic(spec, work, progress=progress)
-        frame, _ = _scan_layout(work, FILENAME_PATTERN, (".jpg",))
+        frame, _ = _scan_layout(work, (".jpg",))
         # guards the generator: the spec promises these counts
         _verify_counts(frame, spec.counts(), "synthetic", False, [])
         record = {"dataset": "synthetic", "variant": None, "source": None, "junk": 0}
@@ -362,8 +362,8 @@ def extract_archive(archive: Path, target: Path, *, progress: bool = False) -> i
     link pointing outside the archive's folder, and device or pipe entries. Only regular files
     and folders are written, so a later entry cannot write through a link. Returns the number
     of links inside the archive that were skipped (images are read from regular files only).
-    The checks are reidkit's own: tarfile's `filter=` is missing from older 3.10 and 3.11
-    releases, and members are streamed to disk here rather than handed to tarfile to extract.
+    The checks are reidkit's own: tarfile's `filter=` is missing from 3.11 releases before
+    3.11.4, and members are streamed to disk here rather than handed to tarfile to extract.
     """
     lowered = archive.name.lower()
     try:
@@ -481,9 +481,7 @@ def _makedirs(path: Path, made: set[Path]) -> None:
 # ---------------------------------------------------------------- reading a layout or CSV
 
 
-def _scan_layout(
-    base: Path, pattern: re.Pattern[str], extensions: tuple[str, ...]
-) -> tuple[pd.DataFrame, int]:
+def _scan_layout(base: Path, extensions: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
     """Rows (absolute path, pid, camid, split) of a Market-1501 layout, and the junk count.
 
     Files with other extensions (the real Market-1501 archive holds Thumbs.db) are ignored;
@@ -504,25 +502,18 @@ def _scan_layout(
         for filename in names:
             if os.path.splitext(filename)[1].lower() not in extensions:
                 continue
-            match = pattern.match(filename)
-            pid = _parse_int(match[1]) if match else None
-            if pid is None:
+            ids = parse_market_name(filename)
+            if ids is None:
                 raise DatasetError(
                     f"{prefix}{filename}: the name does not start with PID_cCAM (as in "
                     "0002_c1s1_000451_03.jpg); rename or remove the file"
                 )
+            pid, camid = ids
             if pid == JUNK_PID:
                 junk += 1
                 continue
-            rows.append((prefix + filename, pid, int(match[2]), split))
+            rows.append((prefix + filename, pid, camid, split))
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), junk
-
-
-def _parse_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:  # e.g. "1-2": the pattern allows any run of digits and dashes
-        return None
 
 
 def _read_custom_csv(csv: Path) -> tuple[pd.DataFrame, int]:

@@ -94,11 +94,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"{path} is not a reidkit checkpoint (no '{FORMAT}' marker); give a file written by "
             "`reidkit train` (runs/<name>/last.pt)"
         )
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if not _is_int(version):
+        raise _damaged(path, f"format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written by reidkit {payload.get('reidkit')} in a newer format; "
             f"upgrade reidkit (this is {__version__})"
         )
+    _check_payload(path, payload)
     try:
         config = config_from_dict(payload["config"], source=f"{path} config")
     except ConfigError as err:
@@ -106,8 +110,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(
         config=config,
         model=payload["model"],
-        num_ids=int(payload["num_ids"]),
-        epoch=int(payload["epoch"]),
+        num_ids=payload["num_ids"],
+        epoch=payload["epoch"],
         head=str(payload.get("head", config.model.head)),
         optimizer=payload.get("optimizer"),
         scheduler=payload.get("scheduler"),
@@ -115,6 +119,41 @@ def load_checkpoint(path: Path) -> Checkpoint:
         history=list(payload.get("history", [])),
         version=str(payload.get("reidkit", "unknown")),
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a damaged reidkit checkpoint: {what}; use an intact copy or train again"
+    )
+
+
+def _check_payload(path: Path, payload: dict[str, Any]) -> None:
+    """Refuse, naming the key, a payload with the marker but missing or mistyped entries."""
+    missing = [key for key in ("config", "model", "num_ids", "epoch") if key not in payload]
+    if missing:
+        raise _damaged(path, f"it lacks {', '.join(missing)}")
+    if not isinstance(payload["config"], dict):
+        raise _damaged(path, "config is not a table of settings")
+    model = payload["model"]
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
+    ):
+        raise _damaged(path, "model is not a state dict of named tensors")
+    if not _is_int(payload["num_ids"]) or payload["num_ids"] < 1:
+        raise _damaged(path, f"num_ids {payload['num_ids']!r} is not a positive integer")
+    if not _is_int(payload["epoch"]) or payload["epoch"] < 0:
+        raise _damaged(path, f"epoch {payload['epoch']!r} is not a count of epochs")
+    if payload.get("head", "pcb") not in ("pcb", "rpp"):
+        raise _damaged(path, f"head {payload['head']!r} is neither pcb nor rpp")
+    for key in ("optimizer", "scheduler", "rng"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            raise _damaged(path, f"{key} is not a table")
+    if not isinstance(payload.get("history", []), list):
+        raise _damaged(path, "history is not a list of epochs")
 
 
 def capture_rng() -> dict[str, Any]:

@@ -20,6 +20,10 @@ from reidkit.models.net import ReidNet
 from reidkit.retrieval.metrics import RankingMetrics, cmc_map, distance_matrix
 from reidkit.retrieval.rerank import k_reciprocal_rerank_features
 
+# k-reciprocal re-ranking as its authors evaluate (Zhong et al., CVPR 2017); R(i, k1) needs
+# k1 + 1 neighbours, so a set of fewer query + gallery images cannot be re-ranked.
+RERANK_K1, RERANK_K2, RERANK_LAMBDA = 20, 6, 0.3
+
 
 @dataclass(frozen=True)
 class EvaluationReport:
@@ -87,14 +91,22 @@ def evaluate_model(
     """Embed the query and gallery of a prepared dataset with `model` and score the ranking.
 
     Options left as None come from `config.eval`. Distances are cosine (1 - inner product
-    of unit-length embeddings), the exact index's similarity; `rerank` applies k-reciprocal
-    re-ranking (k1=20, k2=6, lambda=0.3) to them.
+    of unit-length embeddings), the exact index's similarity. `rerank` ranks by k-reciprocal
+    re-ranked distances instead (k1=20, k2=6, lambda=0.3), which, as in the authors' code,
+    start from euclidean distances between the embeddings: for unit-length vectors these
+    order neighbours as the cosine does, but the weights and the lambda term use their values.
     """
     evaluation = config.eval
     flip = evaluation.flip if flip is None else flip
     ap_mode = ap_mode or evaluation.ap_mode
     rerank = evaluation.rerank if rerank is None else rerank
     name, rows = query_gallery(config, dataset)
+    if rerank and len(rows) < RERANK_K1 + 1:
+        raise DatasetError(
+            f"re-ranking needs at least {RERANK_K1 + 1} query and gallery images (k1 = "
+            f"{RERANK_K1}); dataset {name!r} has {len(rows)}; evaluate it without --rerank "
+            "(eval.rerank=false)"
+        )
     seconds: dict[str, float] = {}
     features = {}
     for split in ("query", "gallery"):
@@ -120,7 +132,9 @@ def evaluate_model(
     query, gallery = (rows[rows["split"] == s] for s in ("query", "gallery"))
     start = time.perf_counter()
     if rerank:
-        distances = k_reciprocal_rerank_features(features["query"], features["gallery"])
+        distances = k_reciprocal_rerank_features(
+            features["query"], features["gallery"], RERANK_K1, RERANK_K2, RERANK_LAMBDA
+        )
     else:
         distances = distance_matrix(features["query"], features["gallery"], "cosine")
     metrics = cmc_map(

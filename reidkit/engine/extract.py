@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from reidkit.errors import NumericalError
 from reidkit.models.net import NetOutput, ReidNet
 
 FeatureKind = Literal["g", "h"]
@@ -42,6 +43,7 @@ def extract_features(
 
     The loader yields `(images, ...)` batches of normalised (B, 3, H, W) tensors. With `flip`,
     each image's part vectors are averaged with those of its mirror image before normalising.
+    A CSALR landmark solve that fails raises `NumericalError`, which says how to retrain.
     """
     device = torch.device(device)
     model.eval()
@@ -57,9 +59,12 @@ def extract_features(
         task = bar.add_task(description, total=total)
         for batch in loader:
             images = batch[0].to(device, non_blocking=True)
-            output = model(images)
-            if flip:
-                mirrored = model(images.flip(-1))
+            try:
+                output = model(images)
+                mirrored = model(images.flip(-1)) if flip else None
+            except torch.linalg.LinAlgError as err:
+                raise _singular_landmarks(err) from None
+            if mirrored is not None:
                 output = NetOutput(
                     part_features=output.part_features + mirrored.part_features,
                     reduced_features=output.reduced_features + mirrored.reduced_features,
@@ -71,3 +76,13 @@ def extract_features(
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _singular_landmarks(err: Exception) -> NumericalError:
+    # c is part of the trained model (its config is stored in the checkpoint), so it cannot
+    # be changed at evaluation time: only a model trained with c = 2 avoids this.
+    return NumericalError(
+        f"a CSALR landmark matrix became singular while embedding images "
+        f"({str(err).splitlines()[0]}); this model cannot embed them: attention.landmark_weight "
+        "is stored in its checkpoint, so train it again with --set attention.landmark_weight=2"
+    )

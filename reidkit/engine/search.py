@@ -11,7 +11,7 @@ import torch
 
 from reidkit import __version__
 from reidkit.config import RunConfig, data_root
-from reidkit.data.datasets import FILENAME_PATTERN, dataset_folder
+from reidkit.data.datasets import dataset_folder, parse_market_name
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model
 from reidkit.engine.extract import extract_features
@@ -62,7 +62,7 @@ def _eval_config(config: RunConfig, *, root: Path | None, flip: bool | None, fea
 def folder_images(folder: Path) -> pd.DataFrame:
     """Every image under `folder` (sorted), with pid and camera read from Market-style names.
 
-    Names that do not follow `PID_cCAM...` get pid and camid -1 (unknown).
+    Names that do not start with `PID_cCAM` get pid and camid -1 (unknown).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -82,8 +82,8 @@ def folder_images(folder: Path) -> pd.DataFrame:
 
 
 def _name_ids(path: Path) -> tuple[int, int]:
-    match = FILENAME_PATTERN.search(path.name)
-    return (int(match.group(1)), int(match.group(2))) if match else (UNKNOWN, UNKNOWN)
+    """(pid, camid) from a name that starts `PID_cCAM`; (UNKNOWN, UNKNOWN) for any other name."""
+    return parse_market_name(path.name) or (UNKNOWN, UNKNOWN)
 
 
 def build_gallery_index(
@@ -94,7 +94,7 @@ def build_gallery_index(
     split: str = "gallery",
     images: Path | None = None,
     root: Path | None = None,
-    index_kind: str = "flat",
+    index_kind: str | None = None,
     flip: bool | None = None,
     feature: str | None = None,
     progress: bool = True,
@@ -103,9 +103,15 @@ def build_gallery_index(
 
     Writes `out` (default `runs/index/`) atomically: index.faiss, features.npy, meta.csv and
     info.json, which records the checkpoint so that `search` embeds queries the same way.
+    `index_kind` (flat, ivf, hnsw) defaults to the checkpoint's `eval.index`.
     """
-    if (dataset is None) == (images is None):
+    if dataset is not None and images is not None:
         raise DatasetError("give either --dataset (with --split) or --images FOLDER, not both")
+    if dataset is None and images is None:
+        raise DatasetError(
+            "give either --dataset NAME (with --split) to embed a prepared dataset or "
+            "--images FOLDER to embed a folder of images"
+        )
     model, state = load_model(checkpoint)
     config = _eval_config(state.config, root=root, flip=flip, feature=feature)
     if images is not None:
@@ -136,7 +142,7 @@ def build_gallery_index(
         progress=progress,
         description=f"embed {len(rows):,} images",
     )
-    index = build_index(features, index_kind)
+    index = build_index(features, index_kind or config.eval.index)
     out = Path(out) if out is not None else DEFAULT_INDEX
     info = {
         "checkpoint": str(Path(checkpoint).expanduser().resolve()),

@@ -51,17 +51,16 @@ from reidkit.engine.checkpoint import (
 from reidkit.errors import ConfigError, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
 
-# Config fields a resumed run may change: they steer logging and I/O, not the optimisation.
+# Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation.
 RESUMABLE_CHANGES = {
     ("data", "workers"),
     ("data", "root"),
     ("train", "eval_every"),
-    ("train", "log_every"),
 }
 
 
 class TrainingDiverged(ReidkitError):
-    """The loss became NaN or infinite; the last completed epoch's checkpoint is kept."""
+    """The loss became NaN or infinite, or a landmark solve failed; completed epochs are kept."""
 
 
 @dataclass(frozen=True)
@@ -128,15 +127,27 @@ def stage_of(config: RunConfig, epoch: int) -> str:
     return "rpp"
 
 
+def _diverged(problem: str, epoch: int, fix: str) -> TrainingDiverged:
+    """One line: what failed in 0-based `epoch`, what is on disk now, and how to run again."""
+    if epoch == 0:  # last.pt is first written at the end of epoch 1 (a resumed run has one)
+        saved, again = "no epoch completed, so no checkpoint was saved", "train again"
+    else:
+        # A changed setting cannot be resumed (RESUMABLE_CHANGES), hence a new run.
+        saved = f"last.pt keeps epoch {epoch}, the last completed one"
+        again = "start a new run (another --out)"
+    return TrainingDiverged(f"{problem}; {saved}; {again} with {fix}")
+
+
 def _singular_landmarks(epoch: int, step: int, err: Exception) -> TrainingDiverged:
     """The one-line error for a CSALR landmark solve that failed in forward or backward."""
     # A_mm = softmax + cI is invertible in exact arithmetic, but with the paper's c = 1 its
     # diagonal dominance is only 2 s_kk, and once a landmark attends away from itself it goes
     # singular in floating point. c = 2 bounds ||A_mm^-1|| by 1 (models/attention.py).
-    return TrainingDiverged(
+    return _diverged(
         f"a CSALR landmark matrix became singular at epoch {epoch + 1}, step {step + 1} "
-        f"({str(err).splitlines()[0]}); the last completed epoch is kept in last.pt; train "
-        "again with --set attention.landmark_weight=2 (or a lower train.lr)"
+        f"({str(err).splitlines()[0]})",
+        epoch,
+        "--set attention.landmark_weight=2 (or a lower train.lr)",
     )
 
 
@@ -359,9 +370,10 @@ def _train_one_epoch(
             losses = reid_loss(output, labels, config.attention.ds_weight)
             loss_value = losses["loss"].item()
             if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; the last "
-                    "completed epoch is kept in last.pt (lower train.lr, or set train.amp=off)"
+                raise _diverged(
+                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step + 1}",
+                    epoch,
+                    "a lower train.lr, or --set train.amp=off",
                 )
             optimizer.zero_grad(set_to_none=True)
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -373,7 +374,10 @@ def save_index_folder(
     }
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # mkdir, not mkdtemp: the folder is renamed into place and should get the umask's
+    # permissions (others may read a shared index), not mkdtemp's owner-only 0700
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     old: Path | None = None
     try:
         faiss.write_index(cpu_index, str(tmp / "index.faiss"))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from reidkit.errors import DatasetError
 
@@ -40,13 +40,16 @@ def _atomic_write(out_path: str | Path, write: Callable[[IO[bytes]], None]) -> P
     """Write through a temporary file beside `out_path`, then rename it into place."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
+    # a plain exclusive open, not mkstemp: the file keeps the umask's permissions (mkstemp's
+    # are owner-only 0600, and the rename would carry them to the picture)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    handle = open(tmp, "xb")  # before the try: only a file this call made is removed
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with handle:
             write(handle)
         os.replace(tmp, out_path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out_path
 
@@ -56,7 +59,7 @@ def _load_tile(path: str | Path, size: tuple[int, int]) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError) as err:
+    except Exception as err:  # PIL reports bad data with many types, e.g. DecompressionBombError
         raise DatasetError(f"cannot open image {path} for the montage ({err})") from None
 
 

@@ -4,9 +4,9 @@ import pytest
 
 from reidkit.data.datasets import (
     DATASETS,
-    FILENAME_PATTERN,
     canonical_name,
     manifest_path,
+    parse_market_name,
     read_manifest,
     strip_archive_suffix,
 )
@@ -77,17 +77,34 @@ def test_archive_names_accept_zip_and_tar_forms():
 
 
 @pytest.mark.parametrize(
-    ("name", "pid", "camera"),
+    ("name", "ids"),
     [
-        ("0002_c1s1_000451_03.jpg", "0002", "1"),
-        ("-1_c3s2_000001_01.jpg", "-1", "3"),
-        ("0001_c2_f0046182.jpg", "0001", "2"),
-        ("0001_c1_1.png", "0001", "1"),
+        ("0002_c1s1_000451_03.jpg", (2, 1)),
+        ("-1_c3s2_000001_01.jpg", (-1, 3)),
+        ("0001_c2_f0046182.jpg", (1, 2)),
+        ("0001_c1_1.png", (1, 1)),
     ],
 )
-def test_file_name_pattern_reads_pid_and_camera(name, pid, camera):
-    match = FILENAME_PATTERN.match(name)
-    assert (match[1], match[2]) == (pid, camera)
+def test_market_name_gives_pid_and_camera(name, ids):
+    assert parse_market_name(name) == ids
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "2024-01-15_c1_0001.jpg",  # a date: dashes inside the leading number
+        "frame-12-3_c1.jpg",
+        "cam-_c2.png",
+        "-_c1.jpg",
+        "1-2_c1.jpg",
+        "holiday_2019_c1.jpg",  # PID_cCAM in the middle of the name is not an identity
+        "IMG_0001.jpg",
+        "0001_cx.jpg",
+        "\u0663_c1.jpg",  # a non-ASCII digit
+    ],
+)
+def test_other_names_have_no_identity(name):
+    assert parse_market_name(name) is None
 
 
 def test_manifest_path_resolves_short_names_and_keeps_other_names(tmp_path):
@@ -100,6 +117,34 @@ def test_manifest_path_resolves_short_names_and_keeps_other_names(tmp_path):
 def test_missing_manifest_says_to_run_prepare(tmp_path):
     with pytest.raises(DatasetError, match=r"run `reidkit prepare market1501 .*` first"):
         read_manifest(manifest_path(tmp_path, "market"))
+
+
+def test_missing_labeled_boxes_suggest_the_variant_option(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        read_manifest(manifest_path(tmp_path, "cuhk03-np-labeled"))
+    assert f"run `reidkit prepare cuhk03-np {tmp_path} --variant labeled` first" in str(err.value)
+
+
+def test_missing_synthetic_set_suggests_preparing_it(tmp_path):
+    with pytest.raises(DatasetError, match=r"run `reidkit prepare synthetic .*` first"):
+        read_manifest(manifest_path(tmp_path, "synthetic"))
+
+
+def test_unknown_name_lists_prepared_datasets_and_suggests_custom(tmp_path):
+    for name in ("market1501", "my-set"):
+        write_manifest(tmp_path / name, "path,pid,camid,split\n")
+    (tmp_path / "notes").mkdir()  # a folder without a manifest is not a dataset
+    with pytest.raises(DatasetError) as err:
+        read_manifest(manifest_path(tmp_path, "my-sett"))
+    message = str(err.value)
+    assert f"datasets prepared in {tmp_path}: market1501, my-set;" in message
+    assert f"`reidkit prepare custom {tmp_path} --source FOLDER_OR_CSV --name my-sett`" in message
+    assert "reidkit prepare my-sett" not in message  # a command that would fail
+
+
+def test_unknown_name_in_an_empty_root_says_none_is_prepared(tmp_path):
+    with pytest.raises(DatasetError, match=r"datasets prepared in .*: none; to prepare"):
+        read_manifest(manifest_path(tmp_path / "absent", "foo"))
 
 
 def write_manifest(folder: Path, text: str) -> Path:

@@ -148,3 +148,51 @@ def test_truncated_file_is_reported(tmp_path: Path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
         load_checkpoint(path)
+
+
+def edited_payload(path: Path, **changes) -> Path:
+    """A checkpoint that keeps the marker but has `changes` applied (None deletes a key)."""
+    save_checkpoint(path, small_checkpoint())
+    payload = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            del payload[key]
+        else:
+            payload[key] = value
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"config": None}, "it lacks config"),
+        ({"model": None, "epoch": None}, "it lacks model, epoch"),
+        ({"num_ids": None}, "it lacks num_ids"),
+        ({"format_version": "1"}, "format_version '1' is not an integer"),
+        ({"config": [1, 2]}, "config is not a table"),
+        ({"model": [1, 2]}, "model is not a state dict"),
+        ({"model": {"weight": 3}}, "model is not a state dict"),
+        ({"num_ids": "many"}, "num_ids 'many' is not a positive integer"),
+        ({"num_ids": 0}, "num_ids 0 is not a positive integer"),
+        ({"epoch": 2.5}, "epoch 2.5 is not a count"),
+        ({"head": "svm"}, "head 'svm' is neither pcb nor rpp"),
+        ({"optimizer": [1]}, "optimizer is not a table"),
+        ({"history": 5}, "history is not a list"),
+    ],
+)
+def test_edited_checkpoint_is_refused_naming_the_key(tmp_path: Path, changes, fragment):
+    path = edited_payload(tmp_path / "last.pt", **changes)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "damaged reidkit checkpoint" in message
+    assert fragment in message
+
+
+def test_load_model_refuses_a_checkpoint_whose_model_is_not_a_state_dict(tmp_path: Path):
+    from reidkit.engine.checkpoint import load_model
+
+    path = edited_payload(tmp_path / "last.pt", model=[torch.zeros(2)])
+    with pytest.raises(CheckpointError, match="model is not a state dict"):
+        load_model(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -307,3 +309,18 @@ def test_save_replaces_a_previous_folder(good_folder):
     loaded = load_index_folder(good_folder)
     assert loaded.info["num_rows"] == 25 and loaded.index.kind == "exact"
     assert sorted(p.name for p in good_folder.parent.iterdir()) == ["gallery"]
+
+
+def test_saved_folder_and_files_follow_the_umask(tmp_path):
+    features = random_features(np.random.default_rng(13), 10, 4)
+    previous = os.umask(0o027)
+    try:
+        folder = save_index_folder(
+            tmp_path / "g", build_index(features), features, meta_for(10), INFO
+        )
+    finally:
+        os.umask(previous)
+    # not mkdtemp's owner-only 0700: the group may read a shared index
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    for name in ("index.faiss", "meta.csv", "features.npy", "info.json"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o640, name

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,3 +119,25 @@ def test_cmc_curve_is_a_png(tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (500, 350)
     assert [p.name for p in tmp_path.iterdir()] == ["cmc.png"]
+
+
+def test_pictures_follow_the_umask(tmp_path, images):
+    previous = os.umask(0o027)
+    try:
+        montage = save_ranked_montage(images[0], images[1:2], tmp_path / "m.png")
+        curve = save_cmc_curve(np.linspace(0.5, 1.0, 5), tmp_path / "cmc.png", "x")
+    finally:
+        os.umask(previous)
+    # not mkstemp's owner-only 0600: others on a shared machine may look at them
+    assert stat.S_IMODE(montage.stat().st_mode) == 0o640
+    assert stat.S_IMODE(curve.stat().st_mode) == 0o640
+
+
+def test_oversized_image_is_named_not_a_traceback(tmp_path, images, monkeypatch):
+    # 30x70 pixels is more than twice this limit: PIL raises DecompressionBombError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(
+        DatasetError, match=r"cannot open image .*img0\.png for the montage .*decompression bomb"
+    ):
+        save_ranked_montage(images[0], images[1:2], tmp_path / "m.png")
+    assert not (tmp_path / "m.png").exists()
