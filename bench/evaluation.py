@@ -13,13 +13,17 @@ The table, printed last, reports the best of --repeats runs, measured side by si
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+
+if __package__ in (None, ""):  # run as `python bench/evaluation.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import write_rows_json  # noqa: E402 - after the path set-up above
 
 # Market-1501 test split: 750 query identities, 3,368 queries, 15,913 gallery images of which
 # 2,793 are distractors (pid 0), 6 cameras.
@@ -300,14 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "1.5 s on this machine as the issue quotes it; not measured here)"
     )
     if args.json:
-        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
-        temporary.write_text(
-            json.dumps(
-                {"header": header, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
-                indent=2,
-            )
-        )
-        temporary.replace(args.json)
+        write_rows_json(args.json, header, vars(args), rows)
     print_table(rows, args, header)
     return 0
 

@@ -62,6 +62,16 @@ MIB = 1024 * 1024
 # ---- the machine ------------------------------------------------------------------------------
 
 
+def write_rows_json(
+    path: Path, header: Sequence[str], args: Mapping[str, object], rows: Sequence[object]
+) -> None:
+    """A script's ``--json`` file: its header lines, arguments and rows, renamed into place."""
+    temporary = path.with_name(f".{path.name}.tmp")  # renamed: never half-written
+    payload = {"header": list(header), "args": dict(args) | {"json": str(path)}, "rows": rows}
+    temporary.write_text(json.dumps(payload, indent=2, default=str))
+    temporary.replace(path)
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
     try:

@@ -41,6 +41,7 @@ from measure import (  # noqa: E402 - after the path set-up above
     measure_side_by_side,
     paired_ratio,
     serve,
+    write_rows_json,
 )
 
 NUM_IDS = 751  # Market-1501's training identities
@@ -298,14 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{BUSY_CORES_LIMIT} is run again, up to --retries rounds in all)"
         )
     if args.json:
-        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
-        temporary.write_text(
-            json.dumps(
-                {"header": header, "args": vars(args) | {"json": str(args.json)}, "rows": rows},
-                indent=2,
-            )
-        )
-        temporary.replace(args.json)
+        write_rows_json(args.json, header, vars(args), rows)
 
     columns = ["model", "params M", "fixed MiB", "ms/step", "img/s", "time/img", "paper"]
     columns += ["MiB/img", "mem/img", "paper"]
