@@ -356,7 +356,15 @@ FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.parts", _at_least(1), "at least 1 stripe"),
     ("model.reduced", _at_least(1), "at least 1 channel"),
     ("model.dropout", lambda p: 0 <= p < 1, "a probability in [0, 1)"),
+    ("attention.groups", _at_least(1), "at least 1 group"),
+    ("attention.qk_ratio", lambda r: 0 < r <= 1, "a fraction in (0, 1]"),
     ("attention.bases", _at_least(1), "at least 1 basis"),
+    # CSALR's indicator weight: below 1, A_mm is no longer diagonally dominant by construction
+    (
+        "attention.landmark_weight",
+        _at_least(1),
+        "a number >= 1 (1 is the paper's; 2 keeps the landmark solve well conditioned)",
+    ),
     ("attention.ds_weight", _at_least(0), "0 (no deep supervision loss) or a positive weight"),
     ("train.epochs", _at_least(1), "at least 1 epoch"),
     ("train.rpp_epochs", _at_least(0), "0 (PCB only) or a number of epochs"),
@@ -402,16 +410,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(
                 f"attention.stages = {attn.stages}: give distinct stages from 1-4, e.g. 1,2,3"
             )
-        if attn.groups < 1:
-            raise ConfigError("attention.groups must be at least 1")
-        if not 0 < attn.qk_ratio <= 1:
-            raise ConfigError("attention.qk_ratio must be in (0, 1]")
         if attn.kind == "csalr":
-            if not attn.landmark_weight >= 1:  # also refuses NaN
-                raise ConfigError(
-                    f"attention.landmark_weight = {attn.landmark_weight}: give a number >= 1 "
-                    "(1 is the paper's; 2 keeps the landmark solve well conditioned)"
-                )
             for stage in attn.stages:
                 h, w = stage_map_size(config, stage)
                 gh, gw = attn.grid
@@ -421,7 +420,7 @@ def validate(config: RunConfig) -> None:
                         f"{stage} at {data.height}x{data.width} input; choose a grid whose sides "
                         "divide every attended map, e.g. attention.grid=6,4"
                     )
-    if data.sampler == "identity" and (data.instances < 1 or train.batch_size % data.instances):
+    if data.sampler == "identity" and train.batch_size % data.instances:
         raise ConfigError(
             f"train.batch_size = {train.batch_size} must be a multiple of data.instances = "
             f"{data.instances} for the identity sampler"

@@ -68,15 +68,6 @@ def test_bad_override_names_the_key_and_the_fix(override, fragment):
     assert "\n" not in str(err.value)
 
 
-def test_landmark_weight_below_one_is_refused_unless_attention_is_not_csalr():
-    with pytest.raises(ConfigError, match=r"attention.landmark_weight = 0.5: give a number >= 1"):
-        apply_overrides(RunConfig(), ["attention.landmark_weight=0.5"])
-    assert (
-        apply_overrides(RunConfig(), ["attention.landmark_weight=2"]).attention.landmark_weight == 2
-    )
-    assert apply_overrides(RunConfig(), ["attention.kind=sa", "attention.landmark_weight=0.5"])
-
-
 def test_grid_that_does_not_divide_a_stage_map_is_refused():
     # 384x128 input: stage maps 96x32, 48x16, 24x8; 5 rows divide none of them
     with pytest.raises(ConfigError, match="does not divide the 96x32 map after stage 1"):
@@ -167,7 +158,12 @@ def test_data_root_prefers_argument_then_environment(monkeypatch, tmp_path: Path
         ("model.parts=0", "model.parts = 0: give at least 1"),
         ("model.reduced=0", "model.reduced = 0: give at least 1"),
         ("model.dropout=1", "model.dropout = 1.0: give a probability in [0, 1)"),
+        ("attention.groups=0", "attention.groups = 0: give at least 1"),
+        ("attention.qk_ratio=0", "attention.qk_ratio = 0.0: give a fraction in (0, 1]"),
+        ("attention.qk_ratio=1.5", "attention.qk_ratio = 1.5: give a fraction in (0, 1]"),
         ("attention.bases=0", "attention.bases = 0: give at least 1"),
+        ("attention.landmark_weight=0.5", "attention.landmark_weight = 0.5: give a number >= 1"),
+        ("attention.landmark_weight=nan", "attention.landmark_weight = nan: give a number >= 1"),
         ("attention.ds_weight=-1", "attention.ds_weight = -1.0: give 0"),
         ("train.epochs=0", "train.epochs = 0: give at least 1"),
         ("train.rpp_epochs=-1", "train.rpp_epochs = -1: give 0"),
@@ -209,6 +205,9 @@ def test_out_of_range_value_is_refused_naming_the_key_and_the_range(override, fr
         "train.eval_every=0",
         "eval.max_rank=1",
         "eval.batch_size=1",
+        "attention.qk_ratio=1",
+        "attention.landmark_weight=1",
+        "attention.landmark_weight=2",
     ],
 )
 def test_range_boundaries_are_accepted(override):

@@ -307,6 +307,26 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(state[0])
 
 
+def split_dataset(
+    frame: pd.DataFrame, split: str, config: DataConfig, *, train: bool
+) -> ReidDataset:
+    """One split of a manifest frame as a ReidDataset, augmented as `config` says when `train`."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        raise DatasetError(f"the manifest has no {split} images")
+    transform = build_transform(
+        config.height,
+        config.width,
+        train=train,
+        flip=config.flip,
+        random_erasing=config.random_erasing,
+        pad_crop=config.pad_crop,
+    )
+    return ReidDataset(rows, transform)
+
+
 def build_loader(
     data: pd.DataFrame | ReidDataset,
     split: str,
@@ -338,20 +358,7 @@ def build_loader(
             raise ValueError(f"the dataset holds split(s) {data.splits}, not {split!r}")
         dataset = data
     else:
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        rows = data[data["split"] == split]
-        if rows.empty:
-            raise DatasetError(f"the manifest has no {split} images")
-        transform = build_transform(
-            config.height,
-            config.width,
-            train=train,
-            flip=config.flip,
-            random_erasing=config.random_erasing,
-            pad_crop=config.pad_crop,
-        )
-        dataset = ReidDataset(rows, transform)
+        dataset = split_dataset(data, split, config, train=train)
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
     common = {
         "num_workers": config.workers,

@@ -33,12 +33,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from reidkit.config import RunConfig, config_to_dict, data_root
 from reidkit.data.loading import (
-    ReidDataset,
     build_loader,
-    build_transform,
     epoch_seed,
     manifest_path,
     read_manifest,
+    split_dataset,
 )
 from reidkit.engine.checkpoint import (
     Checkpoint,
@@ -206,17 +205,7 @@ def _fit(
     device = _device(place)
     manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
     data = config.data
-    train_set = ReidDataset(
-        manifest[manifest["split"] == "train"],
-        build_transform(
-            data.height,
-            data.width,
-            train=True,
-            flip=data.flip,
-            random_erasing=data.random_erasing,
-            pad_crop=data.pad_crop,
-        ),
-    )
+    train_set = split_dataset(manifest, "train", data, train=True)
     num_ids = train_set.num_ids
     if num_ids < 2:
         raise ConfigError(f"dataset {data.dataset!r} has {num_ids} training identities; need 2+")

@@ -987,12 +987,9 @@ class GroupedAttention(nn.Module):
     def fused_output(self, x: Tensor) -> Tensor:
         """``fuse(Y)`` alone, for ``x`` ``(B, C, H, W)``: what :meth:`forward` gates.
 
-        For callers that apply the gate themselves (:func:`gated_residual_and_pool`).
+        Value conv, grouped core, fuse conv. For callers that apply the gate themselves
+        (:func:`gated_residual_and_pool`).
         """
-        return self._fused(x)
-
-    def _fused(self, x: Tensor) -> Tensor:
-        """``fuse(Y)`` for input ``x`` ``(B, C, H, W)``: value conv, grouped core, fuse conv."""
         q, k, v = self._projections(x, value=True)
         assert v is not None
         y = self._attend(q, k, v)  # (B, G, C/G, H, W)
@@ -1119,9 +1116,9 @@ class CSALR(GroupedAttention):
         costs = csalr_projection_costs(self.channels, self.groups, m, n)
         return costs["landmarks"] < costs["pixels"]
 
-    def _fused(self, x: Tensor) -> Tensor:
+    def fused_output(self, x: Tensor) -> Tensor:
         if not self.projects_on_landmarks(*x.shape[-2:]):
-            return super()._fused(x)
+            return super().fused_output(x)
         q, k = self._queries_keys(x)
         value = (self.value.weight, self.value.bias)
         fuse = (self.fuse.weight, self.fuse.bias)
