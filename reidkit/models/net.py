@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reidkit.errors import ConfigError
-from reidkit.models.attention import GroupedAttention, build_attention, gated_residual_and_pool
+from reidkit.models.attention import CSALR, build_attention
 from reidkit.models.pcb import HeadOutput, PCBHead, RefinedPartPooling
 from reidkit.models.resnet import ResNet, build_resnet, load_imagenet_weights
 
@@ -88,14 +88,10 @@ class ReidNet(nn.Module):
 
     def _attend(self, key: str, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """One attention module, plus GAP(x * fused) when it has a deep-supervision branch."""
-        module = self.attention[key]
+        out, fused = self.attention[key](x)  # (B, C, H, W) each
         if key not in self.aux_classifiers:
-            return module(x)[0], None
-        if isinstance(module, GroupedAttention):
-            # The gate and the pooling read the same two maps: one function, fewer passes.
-            return gated_residual_and_pool(x, module.fused_output(x), module.alpha)
-        out, fused = module(x)
-        return out, (x * fused).mean(dim=(2, 3))  # (B, C)
+            return out, None
+        return out, (x * fused).mean(dim=(2, 3))  # eq. 18, before the gated residual: (B, C)
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """(B, 3, H, W) images -> ((B, C, h, w) last-stage map, aux logits per module)."""
@@ -125,15 +121,29 @@ class ReidNet(nn.Module):
         return NetOutput(*self.forward_head(fmap), aux_logits=aux)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """{"trunk": pretrained ResNet parameters, "new": attention, deep supervision, head}.
+        """{"trunk": the ResNet, "attention": the attention modules, "new": deep-supervision
+        classifiers and the head}.
 
-        Every parameter is in exactly one group. The paper trains "trunk" at 0.1x the base
-        learning rate. Frozen parameters are included; they have no gradient, so SGD skips them.
+        Every parameter is in exactly one group, so each can get its own learning rate: the
+        paper trains the pretrained trunk, which the attention modules enhance, at 0.1x the
+        base rate. Frozen parameters are included; they have no gradient, so SGD skips them.
         """
-        trunk_ids = {id(p) for p in self.trunk.parameters()}
+        trunk = list(self.trunk.parameters())
+        attention = list(self.attention.parameters())
+        taken = {id(p) for p in trunk + attention}
         return {
-            "trunk": list(self.trunk.parameters()),
-            "new": [p for p in self.parameters() if id(p) not in trunk_ids],
+            "trunk": trunk,
+            "attention": attention,
+            "new": [p for p in self.parameters() if id(p) not in taken],
+        }
+
+    def landmark_margins(self) -> dict[int, Tensor]:
+        """Stage -> the smallest diagonal margin of the CSALR landmark matrices in the last
+        training batch (:attr:`CSALR.landmark_margin`); empty without CSALR modules."""
+        return {
+            int(stage): module.landmark_margin
+            for stage, module in self.attention.items()
+            if isinstance(module, CSALR) and module.landmark_margin is not None
         }
 
     # ---- PCB -> RPP ------------------------------------------------------------------------
@@ -198,13 +208,7 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
             if stage not in (1, 2, 3, 4):
                 raise ConfigError(f"attention.stages: stage {stage} does not exist; choose 1-4")
             modules[stage] = build_attention(
-                a.kind,
-                trunk.out_channels[stage - 1],
-                groups=a.groups,
-                grid=tuple(a.grid),
-                qk_ratio=a.qk_ratio,
-                bases=a.bases,
-                landmark_weight=a.landmark_weight,
+                a.kind, trunk.out_channels[stage - 1], **attention_options(config)
             )
     head = PCBHead(
         trunk.out_channels[-1],
@@ -212,6 +216,7 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
         reduced=m.reduced,
         num_ids=num_ids,
         dropout=m.dropout,
+        shared_reduction=m.shared_reduction,
     )
     net = ReidNet(
         trunk,
@@ -225,3 +230,19 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
     elif m.head != "pcb":
         raise ConfigError(f"unknown model.head {m.head!r}; choose pcb or rpp")
     return net
+
+
+def attention_options(config: RunConfig) -> dict[str, object]:
+    """The `attention.*` settings the configured kind of module takes, as its keywords."""
+    a = config.attention
+    common = {"groups": a.groups, "qk_ratio": a.qk_ratio}
+    if a.kind == "csalr":
+        return {
+            **common,
+            "grid": tuple(a.grid),
+            "landmark_weight": a.landmark_weight,
+            "projection": a.projection,
+        }
+    if a.kind == "csa":
+        return {**common, "bases": a.bases}
+    return common

@@ -23,7 +23,6 @@ from reidkit.engine.train import (
     stage_of,
 )
 from reidkit.errors import ConfigError
-from reidkit.models import attention as attention_module
 from reidkit.models.net import NetOutput
 
 
@@ -124,18 +123,21 @@ def test_singular_landmark_matrix_stops_cleanly(tiny_config, tmp_path: Path, mon
 def test_singular_landmark_matrix_in_backward_stops_cleanly(
     tiny_config, tmp_path: Path, monkeypatch
 ):
-    solve = attention_module._landmark_solve
+    solve = torch.linalg.solve
 
-    def singular_when_transposed(*args, transpose=False, **kwargs):
-        if transpose:  # only the backward pass solves with A_mm^T
+    def singular_in_backward(a, b, *args, **kwargs):
+        result = solve(a, b, *args, **kwargs)
+
+        def fail(_grad):  # runs when backward reaches the solve, as a failing A_mm^T solve would
             raise torch.linalg.LinAlgError(
                 "The solver failed because the input matrix is singular."
             )
-        return solve(*args, transpose=transpose, **kwargs)
 
-    monkeypatch.setattr(attention_module, "_landmark_solve", singular_when_transposed)
-    # The core path (value and fuse on the map) is the one whose backward solves with A_mm^T.
-    monkeypatch.setattr(attention_module.CSALR, "projects_on_landmarks", lambda self, h, w: False)
+        if result.requires_grad:
+            result.register_hook(fail)
+        return result
+
+    monkeypatch.setattr(torch.linalg, "solve", singular_in_backward)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 .*singular"):
         fit(tiny_config("train.epochs=1"), tmp_path / "run", progress=False)
 
@@ -156,17 +158,22 @@ def test_learning_rate_steps_across_both_stages():
     ]
 
 
-def test_trunk_trains_at_a_tenth_of_the_rate(tiny_config):
-    config = tiny_config("train.lr=0.1", "train.trunk_lr_mult=0.1")
+def test_trunk_and_attention_train_at_their_own_multipliers(tiny_config):
+    config = tiny_config("train.lr=0.1", "train.trunk_lr_mult=0.1", "train.attention_lr_mult=0.3")
     model = train_module.build_model(config, 8)
     optimizer = train_module._build_optimizer(model, config)
     train_module._set_learning_rate(optimizer, config, 0)
-    trunk, new = optimizer.param_groups
-    assert trunk["lr"] == pytest.approx(0.01) and new["lr"] == pytest.approx(0.1)
-    trunk_ids = {id(p) for p in model.trunk.parameters()}
-    assert {id(p) for p in trunk["params"]} == trunk_ids
-    assert all(id(p) not in trunk_ids for p in new["params"])
-    assert len(trunk["params"]) + len(new["params"]) == len(list(model.parameters()))
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert set(groups) == {"trunk", "attention", "new"}
+    assert groups["trunk"]["lr"] == pytest.approx(0.01)
+    assert groups["attention"]["lr"] == pytest.approx(0.03)
+    assert groups["new"]["lr"] == pytest.approx(0.1)
+    members = {name: {id(p) for p in group["params"]} for name, group in groups.items()}
+    assert members["trunk"] == {id(p) for p in model.trunk.parameters()}
+    assert members["attention"] == {id(p) for p in model.attention.parameters()}
+    assert members["new"] == {
+        id(p) for module in (model.aux_classifiers, model.head) for p in module.parameters()
+    }
 
 
 def test_reid_loss_is_part_sum_plus_weighted_deep_supervision():

@@ -34,11 +34,10 @@ def make_net(
 ) -> ReidNet:
     trunk = resnet18(last_stride=1)
     attention = {}
+    options = {"sa": {}, "csa": {"bases": 8}, "csalr": {"grid": (4, 4)}}.get(kind, {})
     if kind != "none":
         attention = {
-            s: build_attention(
-                kind, trunk.out_channels[s - 1], groups=2, grid=(4, 4), qk_ratio=0.25, bases=8
-            )
+            s: build_attention(kind, trunk.out_channels[s - 1], groups=2, qk_ratio=0.25, **options)
             for s in stages
         }
     head = PCBHead(512, parts=PARTS, reduced=32, num_ids=NUM_IDS)
@@ -146,15 +145,17 @@ def test_parameter_groups_cover_every_parameter_exactly_once():
     net = make_net("csa")
     net.convert_to_rpp()
     groups = net.parameter_groups()
-    assert set(groups) == {"trunk", "new"}
+    assert set(groups) == {"trunk", "attention", "new"}
     ids = [id(p) for group in groups.values() for p in group]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in net.parameters()}
     assert {id(p) for p in groups["trunk"]} == {id(p) for p in net.trunk.parameters()}
+    assert {id(p) for p in groups["attention"]} == {id(p) for p in net.attention.parameters()}
+    assert id(net.attention["1"].alpha) in {id(p) for p in groups["attention"]}
+    assert id(net.attention["1"].bases) in {id(p) for p in groups["attention"]}
     new = {id(p) for p in groups["new"]}
-    for module in (net.attention, net.aux_classifiers, net.head, net.head.pooling.classifier):
+    for module in (net.aux_classifiers, net.head, net.head.pooling.classifier):
         assert {id(p) for p in module.parameters()} <= new
-    assert id(net.attention["1"].alpha) in new
 
 
 def test_freezing_for_rpp_trains_only_the_part_classifier():
@@ -239,7 +240,7 @@ def saved_activation_bytes(net: ReidNet) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("projection", ["pixels", "landmarks"])
+@pytest.mark.parametrize("projection", ["map", "landmarks"])
 def test_recompute_keeps_only_each_modules_output(projection):
     # With recomputation the attention modules add to what autograd keeps only their output
     # `out` (the next stage's input) and the pooled deep-supervision features: neither the
@@ -259,9 +260,8 @@ def test_recompute_keeps_only_each_modules_output(projection):
     assert saved_activation_bytes(net) - baseline > 2 * outputs  # the modules' activations
 
 
-def test_deep_supervision_of_a_module_without_fused_output():
-    # Any module whose forward returns (out, fused) works; the fused gate-and-pool path is
-    # for reidkit's own modules only.
+def test_deep_supervision_of_any_module_that_returns_out_and_fused():
+    # Any module whose forward returns (out, fused) works, not only reidkit's own.
     class Doubling(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
