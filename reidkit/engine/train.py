@@ -20,6 +20,7 @@ import tomli_w
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -252,6 +253,7 @@ def _fit(
             scaler.load_state_dict(state.scheduler["scaler"])
     optimizer = None
     current_stage = None
+    warned_condition = False
     end_epoch = (
         config.train.epochs
         if stop_after is None
@@ -300,6 +302,8 @@ def _fit(
         if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
             row.update(_evaluate_during_training(model, config, device, place))
         history.append(row)
+        if place.is_main and not warned_condition:
+            warned_condition = _warn_if_ill_conditioned(row, config)
         if place.is_main:
             save_checkpoint(
                 files.checkpoint,
@@ -341,6 +345,8 @@ def _train_one_epoch(
     model.train()
     sums = {"loss": 0.0, "loss_parts": 0.0, "loss_ds": 0.0}
     correct = seen = 0
+    margins: dict[int, torch.Tensor] = {}  # stage -> smallest landmark margin this epoch
+    net = model.module if isinstance(model, DistributedDataParallel) else model
     steps = len(loader)
     start = time.perf_counter()
     channels_last = config.train.channels_last and device.type == "cuda"
@@ -356,6 +362,8 @@ def _train_one_epoch(
                     output = model(images)
             except torch.linalg.LinAlgError as err:
                 raise _singular_landmarks(epoch, step, err) from None
+            for module_stage, margin in net.landmark_margins().items():
+                margins[module_stage] = torch.minimum(margins.get(module_stage, margin), margin)
             losses = reid_loss(output, labels, config.attention.ds_weight)
             loss_value = losses["loss"].item()
             if not math.isfinite(loss_value):
@@ -384,20 +392,66 @@ def _train_one_epoch(
             advance(loss=loss_value, images_per_second=seen * place.world_size / elapsed)
     seconds = time.perf_counter() - start
     totals = torch.tensor([*sums.values(), correct, seen], dtype=torch.float64, device=device)
+    stages = sorted(margins)
+    worst = torch.stack([margins[s] for s in stages]).double() if stages else None
     if place.world_size > 1:
         dist.all_reduce(totals)
+        if worst is not None:
+            dist.all_reduce(worst, op=dist.ReduceOp.MIN)
     *loss_sums, correct_total, seen_total = totals.tolist()
     row = {"epoch": epoch + 1, "stage": stage}
     row.update({key: value / seen_total for key, value in zip(sums, loss_sums, strict=True)})
     row.update(
         {
-            "lr": optimizer.param_groups[-1]["lr"],
+            "lr": learning_rate(config, epoch),
             "train_accuracy": correct_total / seen_total,
             "images_per_second": seen_total / seconds,
             "seconds": seconds,
         }
     )
+    if worst is not None:
+        c = config.attention.landmark_weight
+        for stage_number, margin in zip(stages, worst.tolist(), strict=True):
+            row[f"cond_bound_stage{stage_number}"] = landmark_condition_bound(margin, c)
     return row
+
+
+# Warn when Varah's bound on cond(A_mm) passes this. LU in float32 returns F with a relative
+# error of order cond x 2^-24 (6e-8): at 1e4 the landmark solve keeps at most three of float32's
+# seven digits, and the bound rises fast once a landmark stops attending to itself (the path to
+# the singular matrices that stopped runs from scratch with the paper's weight c = 1).
+CONDITION_WARNING = 1e4
+
+
+def _warn_if_ill_conditioned(row: dict[str, float], config: RunConfig) -> bool:
+    """Print one warning naming the fix when a module's bound passes CONDITION_WARNING."""
+    worst = {key: value for key, value in row.items() if key.startswith("cond_bound_stage")}
+    bad = {key: value for key, value in worst.items() if value > CONDITION_WARNING}
+    if not bad:
+        return False
+    key, value = max(bad.items(), key=lambda item: item[1])
+    fix = (
+        "train again with --set attention.landmark_weight=2, which bounds it by 3"
+        if config.attention.landmark_weight < 2
+        else "lower train.lr"
+    )
+    Console(stderr=True).print(
+        f"[yellow]warning:[/] CSALR's landmark matrix after stage {key[-1]} is nearing singular "
+        f"at epoch {row['epoch']} (condition bound {value:.3g} > {CONDITION_WARNING:g}, "
+        f"metrics.csv {key}); if the loss jumps or training stops, {fix}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return True
+
+
+def landmark_condition_bound(margin: float, landmark_weight: float) -> float:
+    """Varah's bound on cond_inf(A_mm) from its smallest diagonal margin: (1 + c) / margin.
+
+    Each row of A_mm = softmax + cI is non-negative and sums to 1 + c, so ||A_mm||_inf = 1 + c,
+    and ||A_mm^-1||_inf <= 1 / min_k (A_kk - sum_{j != k} A_kj). It bounds every A_mm seen.
+    """
+    return math.inf if margin <= 0 else (1 + landmark_weight) / margin
 
 
 @contextmanager
@@ -434,14 +488,24 @@ def _enter_stage(model: ReidNet, stage: str) -> None:
 
 
 def _build_optimizer(model: ReidNet, config: RunConfig) -> torch.optim.SGD:
-    """SGD with the paper's two groups: the trunk at `trunk_lr_mult` x the rate, the rest at 1x."""
-    groups = model.parameter_groups()
+    """SGD with the paper's rates per group: trunk and attention modules at their multipliers
+    of the base rate (0.1x in the paper presets), heads and deep-supervision classifiers at 1x.
+
+    Each param group carries its `name` and `lr_mult`; groups without parameters are left out.
+    """
     train = config.train
+    multipliers = {
+        "trunk": train.trunk_lr_mult,
+        "attention": train.attention_lr_mult,
+        "new": 1.0,
+    }
+    groups = [
+        {"params": params, "name": name, "lr_mult": multipliers[name]}
+        for name, params in model.parameter_groups().items()
+        if params
+    ]
     return torch.optim.SGD(
-        [
-            {"params": groups["trunk"], "lr_mult": train.trunk_lr_mult},
-            {"params": groups["new"], "lr_mult": 1.0},
-        ],
+        groups,
         lr=train.lr,
         momentum=train.momentum,
         weight_decay=train.weight_decay,
@@ -548,7 +612,9 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     has_eval = "rank1" in frame and frame["rank1"].notna().any()
-    fig, axes = plt.subplots(1, 3 if has_eval else 2, figsize=(13 if has_eval else 9, 3.6))
+    bounds = [key for key in frame.columns if key.startswith("cond_bound_stage")]
+    panels = 2 + has_eval + bool(bounds)
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
     for key, label in (("loss", "total"), ("loss_parts", "parts (L_F)"), ("loss_ds", "deep sup.")):
         axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
     axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
@@ -561,6 +627,14 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
         axes[2].plot(evaluated["epoch"], evaluated["mAP"] * 100, marker="o", label="mAP")
         axes[2].set(xlabel="epoch", ylabel="%", title="query / gallery")
         axes[2].legend()
+    if bounds:
+        ax = axes[-1]
+        for key in bounds:
+            ax.plot(frame["epoch"], frame[key], marker="o", markersize=3, label=f"stage {key[-1]}")
+        ax.axhline(CONDITION_WARNING, color="red", linestyle="--", linewidth=1, label="warning")
+        ax.set(xlabel="epoch", ylabel="bound on cond(A_mm)", yscale="log")
+        ax.set_title("CSALR landmark conditioning")
+        ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -81,6 +81,46 @@ def test_each_part_has_its_own_reduction_and_classifier_weights():
         assert grad[1:].abs().sum() == 0
 
 
+def reduction_inputs(head: PCBHead, fmap: torch.Tensor) -> torch.Tensor:
+    """What the head's reduction receives for ``fmap``, caught by a forward hook."""
+    seen = []
+    handle = head.reduce.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0]))
+    head(fmap)
+    handle.remove()
+    return seen[0]
+
+
+def test_dropout_acts_on_the_pooled_stripes_before_the_reduction():
+    # PCB's and the CSALR authors' place: g is dropped out, the reduction sees the survivors
+    # scaled by 1 / (1 - p); h and the logits come from that.
+    torch.manual_seed(0)
+    head = _head(dropout=0.5).train()
+    fmap = torch.rand(64, 32, 24, 8) + 0.5  # pooled stripes have no zeros of their own
+    pooled = head.pooling(fmap)  # (B, P, C)
+    dropped = reduction_inputs(head, fmap)
+    zero = dropped == 0
+    assert 0.45 < zero.float().mean() < 0.55
+    torch.testing.assert_close(dropped[~zero], 2 * pooled[~zero])
+    head.eval()
+    torch.testing.assert_close(reduction_inputs(head, fmap), pooled)  # no dropout in eval
+    assert (head(fmap).part_features == pooled).all()  # the test feature g: never dropped
+
+
+def test_shared_reduction_is_one_conv_and_bn_for_every_stripe():
+    torch.manual_seed(0)
+    head = _head(shared_reduction=True, dropout=0.0).train()
+    assert head.reduce.weight.shape == (16, 32)  # one (reduced x C) map for all parts
+    assert head.bn.num_features == 16  # statistics pooled over images and parts
+    fmap = torch.randn(5, 32, 24, 8)
+    out = head(fmap)
+    pre_bn = out.part_features @ head.reduce.weight.T  # (B, P, R): the same map per part
+    flat = pre_bn.reshape(-1, 16)
+    expected = torch.relu((flat - flat.mean(0)) / (flat.var(0, unbiased=False) + 1e-5).sqrt())
+    torch.testing.assert_close(out.reduced_features, expected.view(5, 6, 16), atol=1e-5, rtol=1e-5)
+    independent = _head(shared_reduction=False)
+    assert independent.reduce.weight.shape == (6, 32, 16) and independent.bn.num_features == 96
+
+
 def test_part_linear_equals_a_separate_linear_per_part():
     layer = PartLinear(3, 5, 4)
     x = torch.randn(2, 3, 5)
