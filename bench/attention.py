@@ -13,9 +13,10 @@ The three feature maps an attention module sees in the paper's network (a 384x12
 
 Both are forward + backward into every input (and parameter), and are reported beside
 materialised SA (the paper's cost) of the same part and shape. Each measurement runs in its
-own process (bench/measure.py says how time and memory are taken). ``csalr-autograd`` is the
-same CSALR math under plain autograd, which keeps both m x n blocks for backward (reidkit's
-core before it recomputed them); the script checks that it agrees with reidkit's core.
+own process (bench/measure.py says how time and memory are taken). Configs ending in
+``-before`` run the hand-written autograd Functions reidkit had before its plain-autograd
+rewrite (``bench/attention_before.py``), so before and after are measured in one run; the
+script checks that the two compute the same thing.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class Spec:
     grid: tuple[int, int] = (12, 8)  # CSALR landmarks: 12x8 = 96, the paper's
     bases: int = 32  # CSA's base vectors per group
     materialise: bool = False  # SA with the n x n map in memory
-    autograd: bool = False  # CSALR core under plain autograd (a core only)
-    projection: str = "auto"  # CSALR module: where value and fuse run (a module only if set)
+    projection: str = "landmarks"  # CSALR module: where value and fuse run
+    before: bool = False  # the pre-rewrite Functions of bench/attention_before.py
     parts: tuple[str, ...] = ("core", "module")
 
 
@@ -65,17 +66,18 @@ CONFIGS: dict[str, Spec] = {
     "sa-mat": Spec("sa", 1, materialise=True),
     "sa-sdpa": Spec("sa", 1),
     "csa": Spec("csa", 2),
-    "csalr-autograd": Spec("csalr", 2, autograd=True, parts=("core",)),
-    "csalr-g2-pixels": Spec("csalr", 2, projection="pixels", parts=("module",)),
-    "csalr-g1": Spec("csalr", 1),
+    "csalr-g2-before": Spec("csalr", 2, projection="auto", before=True),
     "csalr-g2": Spec("csalr", 2),
-    "csalr-g4": Spec("csalr", 4),
-    "csalr-g8": Spec("csalr", 8),
+    "csalr-g2-map": Spec("csalr", 2, projection="map", parts=("module",)),
+    "csalr-g1": Spec("csalr", 1),
+    "csalr-g4": Spec("csalr", 4, projection="map"),
+    "csalr-g8": Spec("csalr", 8, projection="map"),
+    "csalr-g8-before": Spec("csalr", 8, projection="auto", before=True),
     "csalr-g2-m24": Spec("csalr", 2, grid=(6, 4)),
     "csalr-g2-m48": Spec("csalr", 2, grid=(12, 4)),
     "csalr-g2-m192": Spec("csalr", 2, grid=(24, 8)),
 }
-QUICK = ["sa-mat", "sa-sdpa", "csa", "csalr-autograd", "csalr-g2-pixels", "csalr-g2"]
+QUICK = ["sa-mat", "sa-sdpa", "csa", "csalr-g2-before", "csalr-g2", "csalr-g2-map"]
 BASELINE = "sa-mat"
 PARTS = ("core", "module")
 
@@ -122,40 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- one measurement (in its own process) -----------------------------------------------------
 
 
-def csalr_autograd(q, k, v, grid):
-    """CSALR's re-associated core under plain autograd: both m x n blocks saved for backward.
-
-    The math of ``reidkit.models.attention.csalr_attention`` term by term, without its
-    recomputing autograd Function: the "before" row of the benchmark.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from reidkit.models.attention import (
-        _coefficients,
-        _landmark_map,
-        _landmark_probs,
-        _landmark_solve,
-    )
-
-    b, g, d, h, w = q.shape
-    e = v.shape[2]
-    gh, gw = grid
-    ph, pw = h // gh, w // gw
-    bg, n = b * g, h * w
-    q2 = q.reshape(bg, d, h, w)  # (BG, d, H, W)
-    k2 = k.reshape(bg, d, h, w)  # (BG, d, H, W)
-    q_land = F.avg_pool2d(q2, (ph, pw)).flatten(2)  # (BG, d, m)
-    k_land = F.avg_pool2d(k2, (ph, pw)).flatten(2)  # (BG, d, m)
-    landmark_map = _landmark_map(q_land, k2.flatten(2))  # (BG, m, n)
-    e_t = torch.bmm(v.reshape(bg, e, n), landmark_map.transpose(1, 2))  # (BG, e, m)
-    f = _landmark_solve(_landmark_probs(q_land, k_land), e_t.transpose(1, 2)).to(e_t.dtype)
-    coeff = _coefficients(q2.flatten(2), k_land)  # (BG, n, m)
-    y = torch.bmm(f.transpose(1, 2), coeff.transpose(1, 2))  # (BG, e, n)
-    y = y.view(bg, e, gh, ph, gw, pw) + f.transpose(1, 2).reshape(bg, e, gh, 1, gw, 1)
-    return y.view(b, g, e, h, w)  # (B, G, e, H, W)
-
-
 def sdpa_backend(device: str):
     """The SDPA kernel to pin: flash on CPU (reidkit pads q/k/v for it), memory-efficient on
     CUDA (it takes d != e in float32). Neither forms the n x n map."""
@@ -170,13 +138,15 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
     """The forward+backward step of one configuration, and a note on how it ran."""
     import contextlib
 
+    import attention_before
     import torch
 
     from reidkit.models import attention as attn
 
+    impl = attention_before if spec.before else attn
     channels, h, w = STAGES[stage]
     gen = torch.Generator().manual_seed(0)
-    note = ""
+    note = "before: hand-written Functions" if spec.before else ""
     pin = contextlib.nullcontext
     if spec.kind == "sa" and not spec.materialise:
         from torch.nn.attention import sdpa_kernel
@@ -198,29 +168,28 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
         q = torch.randn(batch, spec.groups, d, h, w, generator=gen) * d**-0.25
         k = torch.randn(batch, spec.groups, d, h, w, generator=gen) * d**-0.25
         v = torch.randn(batch, spec.groups, e, h, w, generator=gen)
-        bases = torch.randn(spec.groups, spec.bases, d, generator=gen)
+        bases = torch.randn(spec.groups, spec.bases, spec.groups * d, generator=gen)
         inputs = [t.to(device).requires_grad_() for t in (q, k, v, bases)]
         grad = torch.randn(batch, spec.groups, e, h, w, generator=gen).to(device)
         if spec.kind == "sa":
-            core = attn.full_attention_materialised if spec.materialise else attn.full_attention
+            core = impl.full_attention_materialised if spec.materialise else impl.full_attention
 
             def run():
                 return core(*inputs[:3])
-        elif spec.kind == "csa":
+        elif spec.kind == "csa":  # every group's bases see all of Q
 
             def run():
-                return attn.csa_attention(inputs[0], inputs[2], inputs[3])
+                return attn.csa_attention(inputs[0].flatten(1, 2), inputs[2], inputs[3])
         else:
-            core = csalr_autograd if spec.autograd else attn.csalr_attention
 
             def run():
-                return core(*inputs[:3], spec.grid)
+                return impl.csalr_attention(*inputs[:3], spec.grid)
 
-            if spec.autograd:  # the "before" form must compute what reidkit's core computes
+            if spec.before:  # the old core must compute what today's computes
                 with torch.no_grad():
                     expected = attn.csalr_attention(*inputs[:3], spec.grid)
                     torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
-                note = "plain autograd; agrees with csalr_attention"
+                note += "; agrees with today's"
 
         def step():
             with pin(), autocast():
@@ -231,21 +200,33 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
 
     else:
         if spec.kind == "sa":
-            module = attn.SelfAttention(channels, groups=spec.groups, materialise=spec.materialise)
+            module = impl.SelfAttention(channels, groups=spec.groups, materialise=spec.materialise)
         elif spec.kind == "csa":
-            module = attn.CSA(channels, groups=spec.groups, bases=spec.bases)
+            module = impl.CSA(channels, groups=spec.groups, bases=spec.bases)
         else:
-            module = attn.CSALR(
+            module = impl.CSALR(
                 channels, groups=spec.groups, grid=spec.grid, projection=spec.projection
             )
         if spec.kind == "csalr":
-            landmarks = module.projects_on_landmarks(h, w)
-            note = "value/fuse on " + ("landmark rows" if landmarks else "the map")
+            on_rows = (
+                module.projects_on_landmarks(h, w) if spec.before else spec.projection != "map"
+            )
+            note += (
+                ("; " if note else "")
+                + "value/fuse on "
+                + ("landmark rows" if on_rows else "the map")
+            )
         module.to(device)
         with torch.no_grad():
             module.alpha.fill_(0.5)  # any value costs the same; 0.5 keeps every path live
         x = torch.randn(batch, channels, h, w, generator=gen).to(device).requires_grad_()
         grad = torch.randn(batch, channels, h, w, generator=gen).to(device)
+        if spec.before and spec.kind == "csalr":  # same weights, same function as today's
+            today = attn.CSALR(channels, groups=spec.groups, grid=spec.grid).to(device)
+            today.load_state_dict(module.state_dict())
+            with torch.no_grad():
+                torch.testing.assert_close(module(x)[0], today(x)[0], rtol=1e-4, atol=1e-4)
+            note += "; agrees with today's"
 
         def step():
             with pin(), autocast():

@@ -277,7 +277,7 @@ def csalr_fused_on_landmarks(
     F = torch.linalg.solve(A_mm, E_t.mT)  # A_mm^{-1} E: (batch, G, m, e)
     R = torch.einsum("cge,bgme->bgcm", W_f, F)  # fuse on F's rows, W_f,g F_g^T: (batch, G, C, m)
     S_nm = torch.softmax(Q.mT @ K_land, dim=-1)  # softmax of A_nm, eq. 15: (batch, G, n, m)
-    fused = torch.einsum("bgcm,bgnm->bcn", R, S_nm)  # sum_g R_g S_nm,g^T: (batch, C, n)
+    fused = (R @ S_nm.mT).sum(dim=1)  # sum_g R_g S_nm,g^T: (batch, C, n)
     fused = fused.view(b, channels, h // ph, ph, w // pw, pw) + c * spread_over_patches(
         R.sum(dim=1), grid, (h, w)
     )  # + sum_g c R_g P^T
@@ -324,17 +324,14 @@ def csa_attention(q: Tensor, v: Tensor, bases: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def pointwise(x: Tensor, convs: list[nn.Conv2d]) -> Tensor:
-    """The 1x1 convs ``convs`` on ``x`` ``(batch, C, H, W)``, stacked, as one matrix product.
-
-    A 1x1 conv is a product over channels. Written as one, the queries and keys that make the
-    logits stay float32 on every device (CUDA runs convolutions in TF32 by default, whose
-    10-bit mantissa would reach the logits), and Q and K come from a single pass over x.
-    """
+def pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The 1x1 conv ``conv`` on ``x`` ``(batch, C, H, W)``, written as the matrix product over
+    channels that it is, so that the queries and keys that make the logits stay float32 on
+    every device (CUDA runs convolutions in TF32 by default, whose 10-bit mantissa would reach
+    the logits)."""
     b, _, h, w = x.shape
-    weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # (C_out, C)
-    bias = torch.cat([conv.bias for conv in convs])  # (C_out,)
-    return (weight @ x.flatten(2) + bias[:, None]).view(b, -1, h, w)  # (batch, C_out, H, W)
+    weight = conv.weight.flatten(1).expand(b, -1, -1)  # (batch, C_out, C), a view
+    return torch.baddbmm(conv.bias[:, None], weight, x.flatten(2)).view(b, -1, h, w)
 
 
 class GroupedAttention(nn.Module):
@@ -381,10 +378,9 @@ class GroupedAttention(nn.Module):
         return t.unflatten(1, (self.groups, -1))
 
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Grouped Q and K ``(batch, G, d, H, W)``, from one product (:func:`pointwise`)."""
+        """Grouped Q and K ``(batch, G, d, H, W)`` (:func:`pointwise`)."""
         assert self.key is not None
-        q, k = pointwise(x, [self.query, self.key]).chunk(2, dim=1)  # (batch, C', H, W) each
-        return self.grouped(q), self.grouped(k)
+        return self.grouped(pointwise(x, self.query)), self.grouped(pointwise(x, self.key))
 
     def fused_output(self, x: Tensor) -> Tensor:
         """``fuse(Y)`` for ``x`` ``(batch, C, H, W)``: the value conv, the grouped core and the
@@ -469,11 +465,11 @@ class CSA(GroupedAttention):
 
     def fused_output(self, x: Tensor) -> Tensor:
         v = self.grouped(self.value(x))  # (batch, G, C/G, H, W)
-        q = pointwise(x, [self.query])  # (batch, C', H, W): every group's bases see all of Q
+        q = pointwise(x, self.query)  # (batch, C', H, W): every group's bases see all of Q
         return self.fuse(csa_attention(q, v, self.bases).flatten(1, 2))
 
     def attention_map(self, x: Tensor) -> Tensor:
-        return reference.csa_attention_map(pointwise(x, [self.query]), self.bases)
+        return reference.csa_attention_map(pointwise(x, self.query), self.bases)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bases={self.bases.shape[1]}"

@@ -595,7 +595,7 @@ def module_logits(module: torch.nn.Module, x: Tensor) -> Tensor:
     """The logits the module's softmaxes read: ``q . k`` per group (SA, CSALR) or CSA's
     ``14 cos(base, q)``."""
     if isinstance(module, CSA):
-        q = attention.pointwise(x, [module.query]).flatten(2)  # (B, C', n)
+        q = attention.pointwise(x, module.query).flatten(2)  # (B, C', n)
         cosines = F.normalize(module.bases, dim=-1) @ F.normalize(q, dim=1).unsqueeze(1)
         return attention.CSA_SCALE * cosines  # (B, G, m, n)
     q, k = module.queries_keys(x)  # (B, G, d, H, W)
