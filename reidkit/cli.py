@@ -261,8 +261,8 @@ def print_report(report) -> None:
     unmatched = metrics.num_skipped_queries
     if metrics.ap_mode == "official":  # the official code averages over every query
         queries = (
-            f"averaged over all {metrics.num_averaged_queries:,} queries, {unmatched:,} "
-            "without a true match scored 0"
+            f"averaged over all {metrics.num_averaged_queries:,} queries: valid queries "
+            f"{metrics.num_valid_queries:,}, {unmatched:,} without a true match scored 0"
         )
     else:
         queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"

@@ -32,7 +32,8 @@ def report(ap_mode: str) -> EvaluationReport:
         ("torchreid", "AP mode: torchreid; valid queries 3, skipped 1;"),
         (
             "official",
-            "AP mode: official; averaged over all 4 queries, 1 without a true match scored 0;",
+            "AP mode: official; averaged over all 4 queries: valid queries 3, 1 without a true "
+            "match scored 0;",
         ),
     ],
 )
