@@ -4,10 +4,20 @@
     python bench/evaluation.py --dims 2048 --repeats 5 --json eval.json
 
 Times (1) the query-gallery distance matrix (reidkit's torch path, and numpy BLAS beside it),
-(2) reidkit's `cmc_map`, (3) the same protocol as a plain per-query numpy loop (a full stable
-argsort per query, the way the pure-Python reference evaluations do it), and (4) a FAISS flat
-top-k search alone. The loop's numbers must equal reidkit's (asserted; "agree" is printed).
-The table, printed last, reports the best of --repeats runs, measured side by side in one run.
+(2) the metric step (distances in -> CMC/mAP/mINP) on two kinds of distance matrix: a strong
+model's (true matches near the top) and a weak or cross-domain model's (`--weak-noise`: the
+hardest true matches thousands of ranks deep), each by reidkit's `cmc_map`, by a stand-in for
+torchreid's compiled evaluation, and by a plain per-query numpy loop; (3) a FAISS flat top-k
+search alone; (4) features in -> metrics out as `evaluate` runs it (query chunks).
+
+The torchreid stand-in is the numpy work that torchreid's Cython `eval_market1501_cy` does
+before its per-query loop: the full batched `np.argsort(distmat, axis=1)` and the vectorised
+gather of matches, `(g_pids[indices] == q_pids[:, None]).astype(np.int64)`. The compiled
+loop that follows (junk removal, cumulative sums and AP, one pass over each sorted row) is
+left out, so the stand-in is faster than torchreid itself and a ratio against it is a lower
+bound. The loop's numbers must equal reidkit's (asserted, both AP modes; "agree" is printed).
+Steps compared in one row group run in turns, round after round (`--repeats`), and the table,
+printed last, reports each one's best: ratios measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -40,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per step (best kept)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--topk", type=int, default=100, help="k of the FAISS search")
+    parser.add_argument(
+        "--weak-noise",
+        type=float,
+        default=4.5,
+        help="per-image noise of the weak model's features (the strong one's: 2.5)",
+    )
     parser.add_argument(
         "--loop-queries",
         type=int,
@@ -78,12 +94,17 @@ def market_like_ids(rng, num_q: int, num_g: int):
     return q_pids, q_camids, g_pids[order], g_camids[order]
 
 
-def identity_features(rng, pids, camids, dim: int):
+STRONG_NOISE = 2.5
+
+
+def identity_features(rng, pids, camids, dim: int, noise: float = STRONG_NOISE):
     """L2-normalised identity centroid + camera offset + per-image noise, float32.
 
-    Each distractor is its own identity. The noise grows with the dimension so that the
-    difficulty (about R1 0.99 / mAP 0.8 / mINP 0.25, with some true matches ranked in the
-    thousands) stays similar across feature sizes.
+    Each distractor (pid 0) is its own identity. The noise grows with the dimension so that
+    the difficulty stays similar across feature sizes. On Market's shape, the default noise
+    (a strong model) gives about R1 0.99 / mAP 0.8 / mINP 0.25, the median query's hardest
+    true match near rank 150; noise 4.5 (a weak or cross-domain model) about R1 0.48 /
+    mAP 0.15 / mINP 0.004, the median hardest match near rank 6,600 of 15,913.
     """
     import numpy as np
 
@@ -91,26 +112,43 @@ def identity_features(rng, pids, camids, dim: int):
     is_distractor = unique == 0
     unique[is_distractor] = pids.max() + 1 + np.arange(is_distractor.sum())
     _, identity = np.unique(unique, return_inverse=True)
-    noise = np.sqrt((1 + 2.5**2) * np.sqrt(dim / 2048) - 1)
+    spread = np.sqrt((1 + noise**2) * np.sqrt(dim / 2048) - 1)
     feats = rng.standard_normal((len(pids), dim), dtype=np.float32)
-    feats *= (noise * np.exp(0.3 * rng.standard_normal(len(pids)))).astype(np.float32)[:, None]
+    feats *= (spread * np.exp(0.3 * rng.standard_normal(len(pids)))).astype(np.float32)[:, None]
     feats += rng.standard_normal((identity.max() + 1, dim), dtype=np.float32)[identity]
-    feats += 0.5 * rng.standard_normal((CAMERAS, dim), dtype=np.float32)[camids]
+    feats += 0.5 * rng.standard_normal((camids.max() + 1, dim), dtype=np.float32)[camids]
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     return feats
 
 
-def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
-    """The protocol one query at a time with a full stable argsort: (cmc, AP, official AP, INP)."""
+def torchreid_standin(distmat, q_pids, g_pids):
+    """The numpy part of torchreid's compiled `eval_market1501_cy`, before its per-query loop.
+
+    A full batched argsort of every row and the gather of the matches as int64, as torchreid
+    writes them; the compiled loop over the sorted rows is not included (see the docstring).
+    """
     import numpy as np
 
-    cmcs, aps, official_aps, inps = [], [], [], []
+    indices = np.argsort(distmat, axis=1)
+    return (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int64)
+
+
+def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
+    """The protocol one query at a time with a full stable argsort: (cmc, AP, official AP, INP).
+
+    CMC, AP and INP average over the queries with a true match; the official AP over all
+    queries, one without a true match scoring 0 (as the official Market-1501 code does).
+    """
+    import numpy as np
+
+    cmcs, aps, official_aps, inps, unmatched = [], [], [], [], 0
     for i in range(distmat.shape[0]):
         order = np.argsort(distmat[i], kind="stable")
         same_pid = g_pids[order] == q_pids[i]
         keep = ~(same_pid & (g_camids[order] == q_camids[i]))
         hits = same_pid[keep]
         if not hits.any():
+            unmatched += 1
             continue
         cmc = np.cumsum(hits)[:max_rank] >= 1
         cmcs.append(np.pad(cmc, (0, max_rank - len(cmc)), mode="edge"))
@@ -123,7 +161,7 @@ def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 
     return (
         np.mean(cmcs, axis=0),
         float(np.mean(aps)),
-        float(np.mean(official_aps)),
+        float(np.sum(official_aps) / (len(official_aps) + unmatched)),
         float(np.mean(inps)),
     )
 
@@ -136,13 +174,26 @@ class Timing(NamedTuple):
 
 def best_of(repeats: int, fn) -> tuple[Timing, object]:
     """The best of `repeats` timed calls of fn, and fn's last result."""
-    walls, cpus, result = [], [], None
+    ((timing, result),) = best_in_turns(repeats, {"": fn}).values()
+    return timing, result
+
+
+def best_in_turns(repeats: int, fns: dict) -> dict[str, tuple[Timing, object]]:
+    """Each fn timed `repeats` times, the fns taking turns within every round, so that a slow
+    spell of the shared machine falls on all of them alike: name -> (best Timing, last result)."""
+    walls = {name: [] for name in fns}
+    cpus = {name: [] for name in fns}
+    results = dict.fromkeys(fns)
     for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return Timing(min(walls), min(cpus), walls), result
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = fn()
+            walls[name].append(time.perf_counter() - wall)
+            cpus[name].append(time.process_time() - cpu)
+    return {
+        name: (Timing(min(walls[name]), min(cpus[name]), walls[name]), results[name])
+        for name in fns
+    }
 
 
 def load_average() -> str:
@@ -152,11 +203,88 @@ def load_average() -> str:
         return "n/a"
 
 
+def compare_metric_steps(args, label, dim, distmat, ids, rows, log):
+    """reidkit's metric step beside the torchreid stand-in and the per-query loop, in turns."""
+    import numpy as np
+
+    from reidkit.retrieval.metrics import cmc_map
+
+    q_pids, q_camids, g_pids, g_camids = ids
+    nq = len(q_pids)
+    protocol = (q_pids, g_pids, q_camids, g_camids)
+    subset = np.arange(nq)
+    if 0 < args.loop_queries < nq:
+        subset = np.linspace(0, nq - 1, args.loop_queries).round().astype(int)
+    sub = (q_pids[subset], g_pids, q_camids[subset], g_camids)
+    sub_distmat = np.ascontiguousarray(distmat[subset])
+    mine, standin, loop = (
+        f"metric step, {label}: {what}"
+        for what in (
+            "reidkit cmc_map (CMC+mAP+mINP)",
+            "torchreid stand-in (argsort + gather)",
+            "per-query numpy loop (full argsort)",
+        )
+    )
+    timed = best_in_turns(
+        args.repeats,
+        {
+            mine: lambda: cmc_map(distmat, *protocol),
+            standin: lambda: torchreid_standin(distmat, q_pids, g_pids).shape,
+        },
+    )
+    timed |= best_in_turns(1, {loop: lambda: loop_reference(sub_distmat, *sub)})
+    scale = nq / len(subset)
+    t_loop = timed[loop][0]
+    t_loop = Timing(t_loop.wall * scale, t_loop.cpu * scale, [t_loop.wall * scale])
+    note = "" if len(subset) == nq else f"timed on {len(subset)} queries, scaled to {nq}"
+    t_mine, metrics = timed[mine]
+    for step, timing, step_note in (
+        (mine, t_mine, ""),
+        (standin, timed[standin][0], ""),
+        (loop, t_loop, note),
+    ):
+        ratio = None if step == mine else timing.wall / t_mine.wall
+        rows.append(
+            {"dim": dim, "step": step, **timing._asdict(), "note": step_note, "ratio": ratio}
+        )
+        runs = [round(t, 3) for t in timing.runs]
+        log(f"{step}: best {timing.wall:.3f} s (CPU {timing.cpu:.3f} s) of {runs}")
+
+    # Agreement on exactly the queries the loop saw, both AP conventions.
+    loop_cmc, loop_ap, loop_official, loop_inp = timed[loop][1]
+    same = metrics if len(subset) == nq else cmc_map(sub_distmat, *sub)
+    official = cmc_map(sub_distmat, *sub, ap_mode="official")
+    np.testing.assert_allclose(same.cmc, loop_cmc, rtol=0, atol=1e-12)
+    assert abs(same.mAP - loop_ap) < 1e-12 and abs(official.mAP - loop_official) < 1e-12
+    assert abs(same.mINP - loop_inp) < 1e-12
+    scope = "all" if len(subset) == nq else f"{len(subset)} of {nq}"
+    log(
+        f"{label}: agree: reidkit == per-query loop on {scope} queries "
+        f"(R1 {100 * same.rank(1):.2f}, mAP {100 * same.mAP:.2f}, official mAP "
+        f"{100 * official.mAP:.2f}, mINP {100 * same.mINP:.2f})"
+    )
+    return metrics, t_mine
+
+
+def hardest_match_depth(distmat, ids) -> str:
+    """The median and 90th percentile rank of each query's hardest true match."""
+    import numpy as np
+
+    from reidkit.retrieval.metrics import match_ranks
+
+    q_pids, q_camids, g_pids, g_camids = ids
+    ranked = match_ranks(distmat, q_pids, g_pids, q_camids, g_camids)
+    valid = ranked.counts > 0
+    last = ranked.ranks[(ranked.offsets + ranked.counts - 1)[valid]]
+    median, tail = np.median(last), np.quantile(last, 0.9)
+    return f"hardest match at rank {median:.0f} (median), {tail:.0f} (90th percentile)"
+
+
 def run_dim(args, dim, ids, rng, rows, log):
     import numpy as np
 
     from reidkit.retrieval.index import import_faiss
-    from reidkit.retrieval.metrics import cmc_map, distance_matrix
+    from reidkit.retrieval.metrics import cmc_map_from_features, distance_matrix
 
     q_pids, q_camids, g_pids, g_camids = ids
     nq = len(q_pids)
@@ -165,51 +293,31 @@ def run_dim(args, dim, ids, rng, rows, log):
     q_feats, g_feats = feats[:nq], feats[nq:]
     log(f"[{dim}-d] features generated in {time.perf_counter() - start:.1f} s")
 
-    def add(step: str, timing: Timing, note: str = "") -> None:
-        rows.append({"dim": dim, "step": step, **timing._asdict(), "note": note})
+    def add(step: str, timing: Timing, note: str = "", ratio=None) -> None:
+        rows.append({"dim": dim, "step": step, **timing._asdict(), "note": note, "ratio": ratio})
         runs = [round(t, 3) for t in timing.runs]
         log(f"[{dim}-d] {step}: best {timing.wall:.3f} s (CPU {timing.cpu:.3f} s) of {runs}")
 
     # (1) distances: reidkit (torch.mm into the output, float32), then numpy's BLAS.
-    t_dist, distmat = best_of(args.repeats, lambda: distance_matrix(q_feats, g_feats))
+    timed = best_in_turns(
+        args.repeats,
+        {
+            "reidkit": lambda: distance_matrix(q_feats, g_feats),
+            "numpy": lambda: 1.0 - q_feats @ g_feats.T,
+        },
+    )
+    (t_dist, distmat), (t_np, np_dist) = timed["reidkit"], timed["numpy"]
     add("distance matrix, reidkit (torch.mm, float32)", t_dist)
-    t_np, np_dist = best_of(args.repeats, lambda: 1.0 - q_feats @ g_feats.T)
-    add("distance matrix, numpy BLAS (q @ g.T)", t_np)
+    add("distance matrix, numpy BLAS (q @ g.T)", t_np, ratio=t_np.wall / t_dist.wall)
     assert np_dist.dtype == np.float32
     np.testing.assert_allclose(distmat[:64], np_dist[:64], atol=1e-5)
-    del np_dist
+    del np_dist, timed
 
-    # (2) reidkit metrics.
-    protocol = (q_pids, g_pids, q_camids, g_camids)
-    t_metrics, metrics = best_of(args.repeats, lambda: cmc_map(distmat, *protocol))
-    add("metrics, reidkit cmc_map (CMC+mAP+mINP)", t_metrics)
+    # (2) the metric step on a strong model's distances.
+    log(f"[{dim}-d] strong model: {hardest_match_depth(distmat, ids)}")
+    metrics, _ = compare_metric_steps(args, "strong", dim, distmat, ids, rows, log)
 
-    # (3) the per-query loop, on all queries or an evenly spaced subset.
-    subset = np.arange(nq)
-    if 0 < args.loop_queries < nq:
-        subset = np.linspace(0, nq - 1, args.loop_queries).round().astype(int)
-    sub = (q_pids[subset], g_pids, q_camids[subset], g_camids)
-    t_loop, loop = best_of(1, lambda: loop_reference(distmat[subset], *sub))
-    loop_cmc, loop_ap, loop_official, loop_inp = loop
-    scale = nq / len(subset)
-    t_loop = Timing(t_loop.wall * scale, t_loop.cpu * scale, [t_loop.wall * scale])
-    note = "" if len(subset) == nq else f"timed on {len(subset)} queries, scaled to {nq}"
-    add("metrics, per-query numpy loop (full argsort)", t_loop, note)
-
-    # Agreement on exactly the queries the loop saw, both AP conventions.
-    mine = metrics if len(subset) == nq else cmc_map(distmat[subset], *sub)
-    official = cmc_map(distmat[subset], *sub, ap_mode="official")
-    np.testing.assert_allclose(mine.cmc, loop_cmc, rtol=0, atol=1e-12)
-    assert abs(mine.mAP - loop_ap) < 1e-12 and abs(official.mAP - loop_official) < 1e-12
-    assert abs(mine.mINP - loop_inp) < 1e-12
-    scope = "all" if len(subset) == nq else f"{len(subset)} of {nq}"
-    log(
-        f"[{dim}-d] agree: reidkit == per-query loop on {scope} queries "
-        f"(R1 {100 * mine.rank(1):.2f}, mAP {100 * mine.mAP:.2f}, official mAP "
-        f"{100 * official.mAP:.2f}, mINP {100 * mine.mINP:.2f})"
-    )
-
-    # (4) FAISS flat inner-product search alone (the add is not timed).
+    # (3) FAISS flat inner-product search alone (the add is not timed).
     faiss = import_faiss()
     index = faiss.IndexFlatIP(dim)
     index.add(g_feats)
@@ -219,17 +327,34 @@ def run_dim(args, dim, ids, rng, rows, log):
     top1 = np.argmin(distmat, axis=1)
     agree = np.mean(found[:, 0] == top1)
     log(f"[{dim}-d] FAISS top-1 equals the distance matrix's nearest in {100 * agree:.2f}%")
+    del distmat  # evaluation below never holds the whole matrix
 
-    total = Timing(t_dist.wall + t_metrics.wall, t_dist.cpu + t_metrics.cpu, [])
-    add("features in -> metrics out (distance + cmc_map)", total)
-    ratios = {
-        "distance matrix, numpy BLAS (q @ g.T)": t_np.wall / t_dist.wall,
-        "metrics, per-query numpy loop (full argsort)": t_loop.wall / t_metrics.wall,
-    }
-    for row in rows:
-        if row["dim"] == dim and row["step"] in ratios:
-            row["ratio"] = ratios[row["step"]]
+    # (4) what `evaluate` runs: query chunks, distances then ranks, never the whole matrix.
+    protocol = (q_pids, g_pids, q_camids, g_camids)
+    t_total, chunked = best_of(
+        args.repeats, lambda: cmc_map_from_features(q_feats, g_feats, *protocol)
+    )
+    add("features in -> metrics out (cmc_map_from_features)", t_total)
+    np.testing.assert_array_equal(chunked.cmc, metrics.cmc)
+    assert chunked.mAP == metrics.mAP and chunked.mINP == metrics.mINP
     return metrics
+
+
+def run_weak(args, ids, rng, rows, log) -> None:
+    """The metric step on a weak or cross-domain model's distances (2,048-d features)."""
+    import numpy as np
+
+    from reidkit.retrieval.metrics import distance_matrix
+
+    q_pids, q_camids, g_pids, g_camids = ids
+    dim = 2048
+    feats = identity_features(
+        rng, np.concatenate([q_pids, g_pids]), np.r_[q_camids, g_camids], dim, args.weak_noise
+    )
+    distmat = distance_matrix(feats[: len(q_pids)], feats[len(q_pids) :])
+    del feats
+    log(f"[weak] noise {args.weak_noise}: {hardest_match_depth(distmat, ids)}")
+    compare_metric_steps(args, "weak", dim, distmat, ids, rows, log)
 
 
 def print_table(rows, args, header_lines) -> None:
@@ -294,14 +419,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for dim in dims:
         run_dim(args, dim, ids, rng, rows, log)
+    run_weak(args, ids, rng, rows, log)
     header.append(f"load average at end: {load_average()}")
     header.append(
         "wall s: best elapsed time; CPU s: process CPU time of that step, all threads (other "
         "processes inflate wall time, not CPU time; spinning BLAS threads inflate both)"
     )
     header.append(
-        "target: metric step <= 0.5 s (3x faster than torchreid's Cython evaluation, about "
-        "1.5 s on this machine as the issue quotes it; not measured here)"
+        "target (issue 13): the metric step at least 3x faster than torchreid's compiled "
+        "evaluation on both kinds of distance matrix; the stand-in leaves out its compiled loop"
     )
     if args.json:
         write_rows_json(args.json, header, vars(args), rows)

@@ -113,8 +113,8 @@ def prepare(
     dataset: Annotated[
         str,
         typer.Argument(
-            help="market1501 | dukemtmc-reid | cuhk03-np | custom | synthetic "
-            "(short names: market, duke, cuhk03)"
+            help="market1501 | dukemtmc-reid | cuhk03-np | msmt17 | custom | synthetic "
+            "(short names: market, duke, cuhk03, msmt)"
         ),
     ],
     root: Annotated[Path, typer.Argument(help="data root; the dataset goes to ROOT/NAME")],
@@ -258,9 +258,17 @@ def print_report(report) -> None:
     """The table, then the protocol it was computed under, never wrapped mid-phrase."""
     metrics = report.metrics
     console.print(report_table(report))
+    unmatched = metrics.num_skipped_queries
+    if metrics.ap_mode == "official":  # the official code averages over every query
+        queries = (
+            f"averaged over all {metrics.num_averaged_queries:,} queries: valid queries "
+            f"{metrics.num_valid_queries:,}, {unmatched:,} without a true match scored 0"
+        )
+    else:
+        queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"
     console.print(
         f"protocol: single query, same pid+camera removed; AP mode: {metrics.ap_mode}; "
-        f"valid queries {metrics.num_valid_queries:,}, skipped {metrics.num_skipped_queries:,}; "
+        f"{queries}; "
         f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
         f"re-ranking {'on' if report.rerank else 'off'}",
         soft_wrap=True,

@@ -17,8 +17,12 @@ SPLITS = ("train", "query", "gallery")
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 # Pid and camera at the start of a Market-style file name, e.g. `0002_c1s1_000451_03.jpg`
-# -> 2, 1 (junk boxes are `-1_c...`). Read names with `parse_market_name`.
-FILENAME_PATTERN = re.compile(r"(-?\d+)_c(\d)", re.ASCII)
+# -> 2, 1 (junk boxes are `-1_c...`); the camera is every digit after `c`, so `c12` is 12.
+# Read names with `parse_market_name`.
+FILENAME_PATTERN = re.compile(r"(-?\d+)_c(\d+)", re.ASCII)
+# MSMT17's `PID_INDEX_CAM_DATETIME_FRAME_N.jpg`, e.g. `0000_000_01_0303morning_0015_0.jpg`:
+# the third field is the camera, two digits (01-15). Read names with `parse_msmt17_camera`.
+MSMT17_NAME_PATTERN = re.compile(r"\d+_\d+_(\d{2})_", re.ASCII)
 JUNK_PID = -1  # Market-1501's badly detected boxes: dropped everywhere
 DISTRACTOR_PID = 0  # Market-1501's distractors: kept in the gallery as negatives
 
@@ -85,6 +89,32 @@ class DatasetSpec:
         )
 
 
+@dataclass(frozen=True)
+class ListRelease:
+    """One release of a dataset whose splits are given by list files (MSMT17_V1, MSMT17_V2)."""
+
+    folder: str  # what its archive extracts to; holds the list files and the image folders
+    archive: str  # as its authors hand it out
+    image_folders: Mapping[str, str] = field(hash=False)  # list file -> folder its paths are in
+
+
+@dataclass(frozen=True)
+class ListDatasetSpec:
+    """A dataset laid out as image folders plus list files of `relative/path.jpg PID` lines."""
+
+    name: str  # canonical name, also the folder under ROOT
+    title: str
+    availability: str  # why reidkit cannot fetch it: said when no source is found
+    counts: PublishedCounts
+    lists: Mapping[str, tuple[str, ...]] = field(hash=False)  # split -> its list files
+    releases: tuple[ListRelease, ...] = ()
+
+    @property
+    def list_files(self) -> tuple[str, ...]:
+        """Every list file, in manifest order (train, query, gallery)."""
+        return tuple(name for names in self.lists.values() for name in names)
+
+
 def _single(name: str, counts: PublishedCounts) -> Mapping[str, VariantSpec]:
     return {"default": VariantSpec(subfolder="", default_name=name, counts=counts)}
 
@@ -131,6 +161,44 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
 }
 
+# MSMT17 (Wei et al., CVPR 2018): the training set is list_train.txt and list_val.txt together
+# (the val list holds training identities, drawn from the same train/ images), as the paper
+# counts it; torchreid and fast-reid train on list_train.txt alone unless told to combine.
+# Test pids start again at 0, so a pid names a person only within training or within test.
+# V1 and V2 hold the same boxes under other folder names; V2 has the faces blurred.
+_MSMT17_TRAIN = ("list_train.txt", "list_val.txt")
+_MSMT17_TEST = ("list_query.txt", "list_gallery.txt")
+LIST_DATASETS: dict[str, ListDatasetSpec] = {
+    "msmt17": ListDatasetSpec(
+        name="msmt17",
+        title="MSMT17",
+        availability=(
+            "its authors give it out on request (https://www.pkuvmc.com/publications/msmt17.html)"
+        ),
+        counts=PublishedCounts(1_041, 32_621, 3_060, 11_659, 82_161, cameras=15),
+        lists={
+            "train": _MSMT17_TRAIN,
+            "query": ("list_query.txt",),
+            "gallery": ("list_gallery.txt",),
+        },
+        releases=(
+            ListRelease(
+                "MSMT17_V1",
+                "MSMT17_V1.tar.gz",
+                {**dict.fromkeys(_MSMT17_TRAIN, "train"), **dict.fromkeys(_MSMT17_TEST, "test")},
+            ),
+            ListRelease(
+                "MSMT17_V2",
+                "MSMT17_V2.zip",
+                {
+                    **dict.fromkeys(_MSMT17_TRAIN, "mask_train_v2"),
+                    **dict.fromkeys(_MSMT17_TEST, "mask_test_v2"),
+                },
+            ),
+        ),
+    ),
+}
+
 # Every name a user may type -> canonical name. `custom` and `synthetic` have no spec.
 DATASET_NAMES: dict[str, str] = {
     "market1501": "market1501",
@@ -139,6 +207,8 @@ DATASET_NAMES: dict[str, str] = {
     "duke": "dukemtmc-reid",
     "cuhk03-np": "cuhk03-np",
     "cuhk03": "cuhk03-np",
+    "msmt17": "msmt17",
+    "msmt": "msmt17",
     "custom": "custom",
     "synthetic": "synthetic",
 }
@@ -151,7 +221,7 @@ def canonical_name(name: str) -> str:
         canonical = ", ".join(dict.fromkeys(DATASET_NAMES.values()))
         raise DatasetError(
             f"unknown dataset {name!r}; choose one of {canonical} "
-            "(short names: market, duke, cuhk03)"
+            "(short names: market, duke, cuhk03, msmt)"
         )
     return DATASET_NAMES[key]
 
@@ -167,6 +237,16 @@ def parse_market_name(name: str) -> tuple[int, int] | None:
     match = FILENAME_PATTERN.match(name)
     # ASCII digits with at most a leading minus: int() cannot fail on what the pattern took
     return (int(match[1]), int(match[2])) if match else None
+
+
+def parse_msmt17_camera(name: str) -> int | None:
+    """The camera of an MSMT17 file name (its third field, two digits), else None.
+
+    `0000_000_01_0303morning_0015_0.jpg` -> 1, `0123_045_12_0302noon_0321_1.jpg` -> 12; the
+    number is kept as the name writes it (cameras 1-15), like every camera id in reidkit.
+    """
+    match = MSMT17_NAME_PATTERN.match(name)
+    return int(match[1]) if match else None
 
 
 def strip_archive_suffix(filename: str) -> str:
@@ -211,8 +291,8 @@ def _prepare_hint(folder: Path) -> str:
             if layout.default_name == name:
                 option = f" --variant {variant}" if variant != DEFAULT_VARIANT else ""
                 return f"run `reidkit prepare {spec.name} {root}{option}` first"
-    if name == "synthetic":
-        return f"run `reidkit prepare synthetic {root}` first"
+    if name == "synthetic" or name in LIST_DATASETS:
+        return f"run `reidkit prepare {name} {root}` first"
     try:
         prepared = sorted(p.parent.name for p in root.glob(f"*/{MANIFEST_NAME}"))
     except OSError:

@@ -38,19 +38,26 @@ from rich.console import Console
 
 from reidkit import __version__
 from reidkit.data.datasets import (
+    ARCHIVE_SUFFIXES,
     DATASETS,
+    DEFAULT_VARIANT,
     JUNK_PID,
+    LIST_DATASETS,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     SPLIT_FOLDERS,
     SPLITS,
     DatasetSpec,
+    ListDatasetSpec,
+    ListRelease,
     PublishedCounts,
     VariantSpec,
     canonical_name,
     parse_market_name,
+    parse_msmt17_camera,
     read_manifest,
     read_table,
+    strip_archive_suffix,
 )
 from reidkit.data.synthetic import SyntheticSpec, generate_synthetic
 from reidkit.errors import DatasetError
@@ -114,9 +121,9 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Write ROOT/NAME/manifest.csv for a dataset and return what it holds.
 
-    Official datasets (market1501, dukemtmc-reid, cuhk03-np) come from `source` (an archive or a
-    folder) or, without it, from the official archive or extracted folder in ROOT; their counts
-    must match the published ones unless `allow_mismatch`. `custom` takes a folder in
+    Official datasets (market1501, dukemtmc-reid, cuhk03-np, msmt17) come from `source` (an
+    archive or a folder) or, without it, from the official archive or extracted folder in ROOT;
+    their counts must match the published ones unless `allow_mismatch`. `custom` takes a folder in
     Market-1501 layout or a CSV (path,pid,split[,camid]) and reports its counts unverified.
     `synthetic` generates images from `synthetic` (default: SyntheticSpec()). A dataset that is
     already prepared is re-checked (files exist, counts) and reused without reading any image.
@@ -132,6 +139,15 @@ def prepare_dataset(
     if canonical == "custom":
         folder = root / _folder_name(name, "custom")
         return _prepare_custom(folder, source, check_images, progress)
+    if canonical in LIST_DATASETS:
+        listed = LIST_DATASETS[canonical]
+        if variant != DEFAULT_VARIANT:
+            raise DatasetError(
+                f"{listed.name} has a single set of boxes; --variant ({DEFAULT_VARIANT} or "
+                "labeled) applies to cuhk03-np only"
+            )
+        folder = root / _folder_name(name, listed.name)
+        return _prepare_listed(listed, folder, source, allow_mismatch, check_images, progress)
     spec = DATASETS[canonical]
     layout = spec.variant(variant)
     folder = root / _folder_name(name, layout.default_name)
@@ -350,6 +366,217 @@ def _extract_official(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder / relative, links
+
+
+# ---------------------------------------------------------------- datasets given by list files
+
+
+def _prepare_listed(
+    spec: ListDatasetSpec,
+    folder: Path,
+    source: Path | None,
+    allow_mismatch: bool,
+    check_images: bool,
+    progress: bool,
+) -> PreparedDataset:
+    """MSMT17: a release folder (list files and image folders) or its archive -> manifest.
+
+    An archive is extracted into a staging folder beside ROOT/NAME, read, verified and checked
+    there, and moved into ROOT/NAME only then: a count mismatch or a bad image leaves nothing.
+    A folder stays where it is and the manifest holds absolute paths into it.
+    """
+    _check_owner(folder, spec.name, None)
+    if (folder / MANIFEST_NAME).is_file():
+        result = _reuse(folder, spec.counts, spec.title, allow_mismatch, check_images, progress)
+        if source is None:
+            return result
+        note = f"{folder} is already prepared, so --source was not read"
+        return replace(result, warnings=(*result.warnings, note))
+    warnings = _leftovers(folder)
+    source = _find_listed_source(spec, folder, source)
+    if source.is_dir():
+        base, release = _find_release(source, spec, str(source))
+        frame, junk = _scan_lists(base, release, spec)
+        verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
+        _check_images(frame["path"], full=check_images, progress=progress)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging(folder)
+        try:
+            links = extract_archive(source, staging, progress=progress)
+            if links:
+                warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+            base, release = _find_release(staging, spec, str(source))
+            frame, junk = _scan_lists(base, release, spec)
+            verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
+            _check_images(frame["path"], full=check_images, progress=progress)
+            _move_into(staging, folder, spec.title)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        old, new = os.path.join(staging, ""), os.path.join(folder, "")
+        frame["path"] = [new + p[len(old) :] for p in frame["path"]]
+    record = {
+        "dataset": spec.name,
+        "variant": None,
+        "source": str(source),
+        "junk": junk,
+        "release": release.folder,
+    }
+    manifest = _write(folder, frame, record, verified=verified, notes=[])
+    return PreparedDataset(
+        folder.name, manifest, _summarise(frame), verified, False, tuple(warnings)
+    )
+
+
+def _find_listed_source(spec: ListDatasetSpec, folder: Path, source: Path | None) -> Path:
+    """The folder or archive to read: `source`, else one release found in ROOT/NAME or ROOT."""
+    if source is not None:
+        if not source.exists():
+            raise DatasetError(f"--source {source} does not exist")
+        return source
+    if _releases_in(folder, spec):  # moved into place by an earlier run that then stopped
+        return folder
+    root = folder.parent
+    found: dict[str, Path] = {}
+    for release in spec.releases:
+        stem = strip_archive_suffix(release.archive)
+        candidates = [root / release.folder, *(root / (stem + s) for s in ARCHIVE_SUFFIXES)]
+        for candidate in candidates:
+            if candidate.is_file() or _releases_in(candidate, spec):
+                found.setdefault(release.folder, candidate)
+    if len(found) > 1:
+        names = " and ".join(p.name for p in found.values())
+        raise DatasetError(f"{root} holds {names}; pass --source to choose one")
+    if found:
+        return next(iter(found.values()))
+    missing = "" if root.is_dir() else " (which does not exist)"
+    archives = " or ".join(r.archive for r in spec.releases)
+    folders = " or ".join(f"{r.folder}/" for r in spec.releases)
+    raise DatasetError(
+        f"no {spec.title} in {root}{missing}: place {archives} (or the extracted folder "
+        f"{folders}) there, or pass --source; reidkit cannot download it, {spec.availability}"
+    )
+
+
+def _release_folders(base: Path, release: ListRelease) -> dict[str, Path] | None:
+    """List file -> the image folder its paths are relative to, if `base` holds `release`.
+
+    Image folders match without regard to case: copies of V2 name them mask_train_V2 too.
+    """
+    if not (base / "list_train.txt").is_file():
+        return None
+    try:
+        children = {p.name.lower(): p for p in base.iterdir() if p.is_dir()}
+    except OSError:
+        return None
+    folders = {name: children.get(sub.lower()) for name, sub in release.image_folders.items()}
+    if any(path is None for path in folders.values()):
+        return None
+    return folders  # type: ignore[return-value]
+
+
+def _releases_in(base: Path, spec: ListDatasetSpec) -> list[tuple[Path, ListRelease]]:
+    """Every (folder, release) at `base` or in its release-named subfolders."""
+    if not base.is_dir():
+        return []
+    candidates = [base, *(base / r.folder for r in spec.releases)]
+    return [
+        (candidate, release)
+        for candidate in candidates
+        for release in spec.releases
+        if _release_folders(candidate, release) is not None
+    ]
+
+
+def _find_release(base: Path, spec: ListDatasetSpec, label: str) -> tuple[Path, ListRelease]:
+    """The one release folder at or just under `base`, and which release it is."""
+    found = _releases_in(base, spec)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = " and ".join(str(path) for path, _ in found)
+        raise DatasetError(f"{label} holds more than one {spec.title}: {names}; pass one")
+    layouts = "; ".join(
+        f"{r.folder}/ with {', '.join(dict.fromkeys(r.image_folders.values()))}/"
+        for r in spec.releases
+    )
+    raise DatasetError(
+        f"{label} does not hold {spec.title}: expected {', '.join(spec.list_files)} and the "
+        f"image folders inside {layouts}"
+    )
+
+
+def _scan_lists(
+    base: Path, release: ListRelease, spec: ListDatasetSpec
+) -> tuple[pd.DataFrame, int]:
+    """Rows (absolute path, pid, camid, split) from a release's list files, and the junk count.
+
+    Each line is `relative/path.jpg PID`; the pid is the list's, the camera the file name's
+    (`parse_msmt17_camera`). Junk (pid -1, which MSMT17 does not have) is dropped as elsewhere.
+    """
+    folders = _release_folders(base, release)
+    assert folders is not None  # _find_release checked the layout
+    rows: list[tuple[str, int, int, str]] = []
+    junk = 0
+    for split, list_names in spec.lists.items():
+        for list_name in list_names:
+            path = base / list_name
+            if not path.is_file():
+                raise DatasetError(
+                    f"{base} has no {list_name}; {spec.title} needs {', '.join(spec.list_files)}"
+                )
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                raise DatasetError(f"{path} is not a readable list file ({err})") from None
+            prefix = os.path.join(folders[list_name], "")
+            start = len(rows)
+            for number, line in enumerate(lines, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                where = f"{path} line {number}"
+                if len(fields) != 2 or not re.fullmatch(r"-?\d+", fields[1], re.ASCII):
+                    raise DatasetError(f"{where}: expected 'IMAGE_PATH PID', got {line.strip()!r}")
+                parts = fields[0].replace("\\", "/").split("/")
+                if fields[0].startswith(("/", "\\")) or _DRIVE.match(fields[0]) or ".." in parts:
+                    raise DatasetError(
+                        f"{where}: {fields[0]!r} leaves {folders[list_name]}; paths in a list "
+                        "file are relative to its image folder"
+                    )
+                camid = parse_msmt17_camera(parts[-1])
+                if camid is None:
+                    raise DatasetError(
+                        f"{where}: {parts[-1]} has no camera field (PID_INDEX_CAM_..., as in "
+                        "0000_000_01_0303morning_0015_0.jpg)"
+                    )
+                pid = int(fields[1])
+                if pid == JUNK_PID:
+                    junk += 1
+                    continue
+                relative = "/".join(p for p in parts if p not in ("", "."))
+                rows.append((prefix + relative, pid, camid, split))
+            missing = [row[0] for row in rows[start:] if not os.path.isfile(row[0])]
+            if missing:
+                raise DatasetError(
+                    f"{path} names {len(missing):,} image(s) that are not in "
+                    f"{folders[list_name]}, e.g. {missing[0]}; is the extraction complete?"
+                )
+    return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), junk
+
+
+def _move_into(staging: Path, folder: Path, title: str) -> None:
+    """Move everything in `staging` into `folder`, refusing to replace anything there."""
+    entries = sorted(staging.iterdir())
+    folder.mkdir(exist_ok=True)
+    for entry in entries:
+        if (folder / entry.name).exists():
+            raise DatasetError(
+                f"{folder / entry.name} already exists but is not a complete {title}; "
+                "remove it and prepare again"
+            )
+    for entry in entries:
+        os.replace(entry, folder / entry.name)
 
 
 # ---------------------------------------------------------------- safe extraction

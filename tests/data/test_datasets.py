@@ -4,9 +4,11 @@ import pytest
 
 from reidkit.data.datasets import (
     DATASETS,
+    LIST_DATASETS,
     canonical_name,
     manifest_path,
     parse_market_name,
+    parse_msmt17_camera,
     read_manifest,
     strip_archive_suffix,
 )
@@ -23,6 +25,8 @@ from reidkit.errors import DatasetError
         ("DukeMTMC-reID", "dukemtmc-reid"),
         ("cuhk03", "cuhk03-np"),
         ("cuhk03-np", "cuhk03-np"),
+        ("msmt", "msmt17"),
+        ("MSMT17", "msmt17"),
         ("Synthetic", "synthetic"),
         ("custom", "custom"),
     ],
@@ -36,8 +40,9 @@ def test_unknown_dataset_lists_the_valid_names():
         canonical_name("viper")
     message = str(err.value)
     assert "'viper'" in message
-    for name in ("market1501", "dukemtmc-reid", "cuhk03-np", "custom", "synthetic"):
+    for name in ("market1501", "dukemtmc-reid", "cuhk03-np", "msmt17", "custom", "synthetic"):
         assert name in message
+    assert "msmt)" in message  # the short names
 
 
 def test_published_counts_are_the_design_tables():
@@ -52,6 +57,21 @@ def test_published_counts_are_the_design_tables():
     assert (detected.train_images, detected.gallery_images) == (7_365, 5_332)
     assert (labeled.train_images, labeled.gallery_images) == (7_368, 5_328)
     assert [DATASETS[n].cameras for n in ("market1501", "dukemtmc-reid", "cuhk03-np")] == [6, 8, 2]
+    msmt = LIST_DATASETS["msmt17"].counts  # Wei et al., CVPR 2018; train = train + val lists
+    assert (msmt.train_ids, msmt.train_images) == (1_041, 30_248 + 2_373)
+    assert (msmt.query_ids, msmt.query_images, msmt.gallery_images) == (3_060, 11_659, 82_161)
+    assert msmt.cameras == 15
+
+
+def test_msmt17_releases_name_their_archives_and_image_folders():
+    v1, v2 = LIST_DATASETS["msmt17"].releases
+    assert (v1.folder, v1.archive) == ("MSMT17_V1", "MSMT17_V1.tar.gz")
+    assert (v2.folder, v2.archive) == ("MSMT17_V2", "MSMT17_V2.zip")
+    assert (
+        v1.image_folders["list_val.txt"] == "train" and v1.image_folders["list_query.txt"] == "test"
+    )
+    assert v2.image_folders["list_train.txt"] == "mask_train_v2"
+    assert v2.image_folders["list_gallery.txt"] == "mask_test_v2"
 
 
 def test_labeled_boxes_default_to_their_own_folder():
@@ -87,6 +107,47 @@ def test_archive_names_accept_zip_and_tar_forms():
 )
 def test_market_name_gives_pid_and_camera(name, ids):
     assert parse_market_name(name) == ids
+
+
+@pytest.mark.parametrize(
+    ("name", "ids"),
+    [
+        ("0002_c12s1_000451_03.jpg", (2, 12)),  # Market's form with a two-digit camera
+        ("0005_c10_f0012345.jpg", (5, 10)),  # DukeMTMC-reID's form
+        ("0001_c11_1.png", (1, 11)),  # CUHK03-NP's form
+        ("0000_c15s1_000451_00.jpg", (0, 15)),  # MSMT17 converted to Market's layout
+        ("0003_c101s2_000001_00.jpg", (3, 101)),
+    ],
+)
+def test_camera_ids_of_ten_and_more_keep_every_digit(name, ids):
+    assert parse_market_name(name) == ids
+
+
+@pytest.mark.parametrize(
+    ("name", "camera"),
+    [
+        ("0000_000_01_0303morning_0015_0.jpg", 1),
+        ("0123_045_12_0302noon_0321_1.jpg", 12),
+        ("1040_007_15_0113afternoon_0890_2.jpg", 15),
+        ("0003_019_10_0303morning_0040_0.jpg", 10),
+    ],
+)
+def test_msmt17_name_gives_the_camera_of_its_third_field(name, camera):
+    assert parse_msmt17_camera(name) == camera
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "0002_c1s1_000451_03.jpg",  # Market's form
+        "0000_000_1_0303morning_0015_0.jpg",  # one digit
+        "0000_000_123_0303morning_0015_0.jpg",  # three digits
+        "0000_01_0303morning.jpg",
+        "x0000_000_01_0303morning_0015_0.jpg",
+    ],
+)
+def test_other_names_have_no_msmt17_camera(name):
+    assert parse_msmt17_camera(name) is None
 
 
 @pytest.mark.parametrize(
@@ -128,6 +189,11 @@ def test_missing_labeled_boxes_suggest_the_variant_option(tmp_path):
 def test_missing_synthetic_set_suggests_preparing_it(tmp_path):
     with pytest.raises(DatasetError, match=r"run `reidkit prepare synthetic .*` first"):
         read_manifest(manifest_path(tmp_path, "synthetic"))
+
+
+def test_missing_msmt17_suggests_preparing_it(tmp_path):
+    with pytest.raises(DatasetError, match=rf"run `reidkit prepare msmt17 {tmp_path}` first"):
+        read_manifest(manifest_path(tmp_path, "msmt"))
 
 
 def test_unknown_name_lists_prepared_datasets_and_suggests_custom(tmp_path):

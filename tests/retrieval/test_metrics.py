@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from reidkit.errors import DatasetError
+from reidkit.retrieval import metrics
 from reidkit.retrieval.metrics import (
     average_precision,
     cmc_map,
+    cmc_map_from_features,
     distance_matrix,
     match_ranks,
 )
@@ -26,6 +28,10 @@ def naive_cmc_map(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap_m
         hits = (g_pids[order] == q_pids[i])[~junk]
         if not hits.any():
             skipped += 1
+            if ap_mode == "official":  # the official code scores it 0 in CMC, AP (and INP)
+                cmcs.append(np.zeros(max_rank, dtype=bool))
+                aps.append(0.0)
+                inps.append(0.0)
             continue
         cmc = np.cumsum(hits) >= 1
         cmc = np.concatenate([cmc, np.full(max(0, max_rank - len(cmc)), cmc[-1])])[:max_rank]
@@ -47,7 +53,8 @@ def naive_cmc_map(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap_m
             aps.append(ap)
         last = np.flatnonzero(hits)[-1] + 1
         inps.append(num_hits / last)
-    return np.mean(cmcs, axis=0), float(np.mean(aps)), float(np.mean(inps)), len(aps), skipped
+    valid = distmat.shape[0] - skipped
+    return np.mean(cmcs, axis=0), float(np.mean(aps)), float(np.mean(inps)), valid, skipped
 
 
 def random_problem(rng, num_q, num_g, num_ids, num_cams, levels=None, dtype=np.float32):
@@ -305,3 +312,198 @@ def test_distance_of_a_vector_to_itself_is_not_negative():
 def test_unknown_metric_lists_the_metrics():
     with pytest.raises(ValueError, match="cosine, euclidean"):
         distance_matrix(np.zeros((1, 2)), np.zeros((1, 2)), "manhattan")
+
+
+# --------------------------------------------------------------------------------------------
+# Official mode: every query counts, one without a true match scoring 0
+
+
+def test_official_mode_averages_over_all_queries_by_hand():
+    # query 0 (pid 1): ranked hit, miss, hit -> official AP 19/24, INP 2/3, CMC [1, 1, 1]
+    # query 1 (pid 9): no gallery image of pid 9 -> 0 everywhere in official mode
+    distmat = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], dtype=np.float32)
+    q_pids, q_camids = np.array([1, 9]), np.array([1, 1])
+    g_pids, g_camids = np.array([1, 2, 1]), np.array([2, 2, 3])
+    official = cmc_map(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=3, ap_mode="official")
+    assert official.mAP == pytest.approx((19 / 24 + 0) / 2)
+    assert official.mINP == pytest.approx((2 / 3 + 0) / 2)
+    assert official.cmc.tolist() == [0.5, 0.5, 0.5]
+    assert (official.num_valid_queries, official.num_skipped_queries) == (1, 1)
+    assert official.num_averaged_queries == 2
+    # torchreid mode skips query 1: AP 5/6 over the one valid query
+    skipped = cmc_map(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=3)
+    assert skipped.mAP == pytest.approx(5 / 6)
+    assert skipped.cmc.tolist() == [1.0, 1.0, 1.0]
+    assert skipped.num_averaged_queries == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The two ways to shortlist the entries before a match: both exact
+
+
+@pytest.fixture
+def histogram_calls(monkeypatch):
+    """Counts the chunks whose candidates the histogram narrowed."""
+    calls = []
+    original = metrics._histogram_shortlist
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(metrics, "_histogram_shortlist", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bins", [1, 2, 7, 4096])
+@pytest.mark.parametrize("share", [0.0, 2.0])  # always narrow by the histogram, never
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_both_shortlists_match_the_naive_reference(
+    monkeypatch, histogram_calls, bins, share, dtype
+):
+    monkeypatch.setattr(metrics, "HISTOGRAM_BINS", bins)
+    monkeypatch.setattr(metrics, "SHORTLIST_SHARE", share)
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        levels = [None, 4, 40][trial % 3]  # continuous, heavy ties, some ties
+        sizes = [int(rng.integers(lo, hi)) for lo, hi in ((1, 25), (2, 150), (1, 6), (1, 4))]
+        problem = random_problem(rng, *sizes, levels, dtype)
+        if not _has_valid(*problem):
+            continue
+        for ap_mode in ("torchreid", "official"):
+            cmc, mean_ap, minp, valid, skipped = naive_cmc_map(*problem, ap_mode=ap_mode)
+            m = cmc_map(*problem, ap_mode=ap_mode, chunk_size=int(rng.integers(1, 9)))
+            np.testing.assert_allclose(m.cmc, cmc, rtol=0, atol=1e-12)
+            assert m.mAP == pytest.approx(mean_ap, abs=1e-12)
+            assert m.mINP == pytest.approx(minp, abs=1e-12)
+    assert bool(histogram_calls) == (share == 0.0)
+
+
+@pytest.mark.parametrize("share", [0.0, 2.0])
+def test_infinite_and_nan_distances_rank_as_numpy_sorts_them(monkeypatch, share):
+    monkeypatch.setattr(metrics, "SHORTLIST_SHARE", share)
+    rng = np.random.default_rng(8)
+    distmat, q_pids, g_pids, q_camids, g_camids = random_problem(rng, 12, 60, 3, 3)
+    true_match = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] != g_camids[None, :])
+    other = np.flatnonzero(~true_match.ravel())
+    picks = rng.choice(other, 60, replace=False)
+    distmat.ravel()[picks[:20]] = np.nan  # never a true match's distance
+    distmat.ravel()[picks[20:40]] = np.inf
+    distmat.ravel()[picks[40:]] = -np.inf
+    distmat[0, np.flatnonzero(true_match[0])[:1]] = np.inf  # a true match at +inf
+    distmat[1] = 0.25  # a row of ties
+    problem = (distmat, q_pids, g_pids, q_camids, g_camids)
+    assert _has_valid(*problem)
+    for ap_mode in ("torchreid", "official"):
+        cmc, mean_ap, minp, _, _ = naive_cmc_map(*problem, ap_mode=ap_mode)
+        m = cmc_map(*problem, ap_mode=ap_mode, chunk_size=5)
+        np.testing.assert_allclose(m.cmc, cmc, rtol=0, atol=1e-12)
+        assert m.mAP == pytest.approx(mean_ap, abs=1e-12)
+        assert m.mINP == pytest.approx(minp, abs=1e-12)
+
+
+def test_the_histogram_narrows_deep_rankings_and_not_shallow_ones(histogram_calls):
+    rng = np.random.default_rng(9)
+    q_pids = np.repeat(np.arange(20), 2)
+    g_pids = np.tile(np.arange(200), 5)
+    q_camids, g_camids = np.zeros(40, int), np.ones(1000, int)
+    same = q_pids[:, None] == g_pids[None, :]
+    strong = (rng.random((40, 1000)) + 2.0 * ~same).astype(np.float32)  # matches first
+    weak = rng.random((40, 1000)).astype(np.float32)  # matches anywhere
+    for distmat in (strong, weak):
+        expected = naive_cmc_map(distmat, q_pids, g_pids, q_camids, g_camids)
+        got = cmc_map(distmat, q_pids, g_pids, q_camids, g_camids)
+        assert got.mAP == pytest.approx(expected[1], abs=1e-12)
+        if distmat is strong:
+            assert histogram_calls == []  # a few candidates per query: sorted directly
+    assert histogram_calls == [(40, 1000)]
+
+
+def test_default_chunks_hold_a_fixed_number_of_entries(monkeypatch):
+    shapes = []
+    original = metrics._block_ranks
+
+    def recorded(block, *args):
+        shapes.append(block.shape)
+        return original(block, *args)
+
+    monkeypatch.setattr(metrics, "_block_ranks", recorded)
+    monkeypatch.setattr(metrics, "CHUNK_ENTRIES", 1000)
+    problem = random_problem(np.random.default_rng(10), 30, 300, 4, 3)
+    match_ranks(*problem)
+    assert {rows for rows, _ in shapes} <= {3} and sum(r for r, _ in shapes) <= 30
+    shapes.clear()
+    match_ranks(*problem, chunk_size=7)  # an explicit chunk size wins
+    assert max(rows for rows, _ in shapes) == 7
+
+
+# --------------------------------------------------------------------------------------------
+# Features in, metrics out, a chunk of queries at a time
+
+
+def sign_features(rng, num, dim=9):
+    """Entries +-1: every norm is exactly 3, so squared euclidean distances are exact."""
+    return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), (num, dim))
+
+
+def test_features_path_equals_the_naive_reference_on_exact_distances(monkeypatch):
+    # +-1 features: squared euclidean distances are exact small integers, with many ties
+    monkeypatch.setattr(metrics, "PRODUCT_ENTRIES", 5 * 40)  # products of 5 queries
+    monkeypatch.setattr(metrics, "CHUNK_ENTRIES", 2 * 40)  # ranked 2 at a time
+    rng = np.random.default_rng(11)
+    q, g = sign_features(rng, 23), sign_features(rng, 40)
+    q_pids, g_pids = rng.integers(0, 6, 23), rng.integers(0, 6, 40)
+    q_pids[5:9] = 99  # a run of queries without a match: chunks skipped
+    q_camids, g_camids = rng.integers(0, 3, 23), rng.integers(0, 3, 40)
+    exact = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    ids = (q_pids, g_pids, q_camids, g_camids)
+    for ap_mode in ("torchreid", "official"):
+        cmc, mean_ap, minp, valid, skipped = naive_cmc_map(exact, *ids, ap_mode=ap_mode)
+        m = cmc_map_from_features(q, g, *ids, ap_mode=ap_mode, metric="sqeuclidean")
+        np.testing.assert_allclose(m.cmc, cmc, rtol=0, atol=1e-12)
+        assert m.mAP == pytest.approx(mean_ap, abs=1e-12)
+        assert m.mINP == pytest.approx(minp, abs=1e-12)
+        assert (m.num_valid_queries, m.num_skipped_queries) == (valid, skipped)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_features_path_equals_cmc_map_of_the_distance_matrix(monkeypatch, metric):
+    monkeypatch.setattr(metrics, "PRODUCT_ENTRIES", 7 * 90)
+    rng = np.random.default_rng(12)
+    q, g = rng.standard_normal((30, 16)), rng.standard_normal((90, 16))
+    ids = (rng.integers(0, 9, 30), rng.integers(0, 9, 90), rng.integers(0, 3, 30),
+           rng.integers(0, 3, 90))  # fmt: skip
+    # the same 7-row products as distance_matrix's chunks, so the same float32 values
+    expected = cmc_map(distance_matrix(q, g, metric, chunk_size=7), *ids, chunk_size=3)
+    got = cmc_map_from_features(q, g, *ids, metric=metric, chunk_size=3)
+    np.testing.assert_array_equal(got.cmc, expected.cmc)
+    assert (got.mAP, got.mINP) == (expected.mAP, expected.mINP)
+
+
+def test_features_path_memory_is_bounded_by_a_chunk(monkeypatch):
+    import tracemalloc
+
+    rng = np.random.default_rng(13)
+    num_q, num_g = 400, 20_000
+    q = rng.standard_normal((num_q, 8)).astype(np.float32)
+    g = rng.standard_normal((num_g, 8)).astype(np.float32)
+    # 1,000 identities: some 20 gallery images each, about MSMT17's 27
+    ids = (rng.integers(0, 1000, num_q), rng.integers(0, 1000, num_g),
+           rng.integers(0, 4, num_q), rng.integers(0, 4, num_g))  # fmt: skip
+    full_matrix = num_q * num_g * 4
+
+    def peak(**kw) -> int:
+        tracemalloc.start()
+        cmc_map_from_features(q, g, *ids, **kw)
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak_bytes
+
+    monkeypatch.setattr(metrics, "PRODUCT_ENTRIES", 20 * num_g)
+    monkeypatch.setattr(metrics, "CHUNK_ENTRIES", 10 * num_g)
+    small = peak()
+    monkeypatch.setattr(metrics, "PRODUCT_ENTRIES", num_q * num_g)
+    monkeypatch.setattr(metrics, "CHUNK_ENTRIES", num_q * num_g)
+    whole = peak()
+    assert small < full_matrix / 5  # a chunk of 20 queries, not the 400 x 20,000 matrix
+    assert whole > full_matrix  # one chunk of everything holds the matrix and more
