@@ -325,10 +325,13 @@ def csa_attention(q: Tensor, v: Tensor, bases: Tensor) -> Tensor:
 
 
 def pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """The 1x1 conv ``conv`` on ``x`` ``(batch, C, H, W)``, written as the matrix product over
-    channels that it is, so that the queries and keys that make the logits stay float32 on
-    every device (CUDA runs convolutions in TF32 by default, whose 10-bit mantissa would reach
-    the logits)."""
+    """The 1x1 conv ``conv`` on ``x`` ``(batch, C, H, W)``, as the matrix product over channels
+    that it is.
+
+    Every 1x1 conv of the modules runs this way, so the modules are float32 on every device:
+    CUDA runs convolutions in TF32 by default, whose 10-bit mantissa would reach the logits,
+    while float32 matrix products stay float32 unless the user asks otherwise.
+    """
     b, _, h, w = x.shape
     weight = conv.weight.flatten(1).expand(b, -1, -1)  # (batch, C_out, C), a view
     return torch.baddbmm(conv.bias[:, None], weight, x.flatten(2)).view(b, -1, h, w)
@@ -432,9 +435,9 @@ class SelfAttention(GroupedAttention):
 
     def fused_output(self, x: Tensor) -> Tensor:
         q, k = self.queries_keys(x)  # (batch, G, d, H, W)
-        v = self.grouped(self.value(x))  # (batch, G, C/G, H, W)
+        v = self.grouped(pointwise(x, self.value))  # (batch, G, C/G, H, W)
         core = full_attention_materialised if self.materialise else full_attention
-        return self.fuse(core(q, k, v).flatten(1, 2))  # (batch, C, H, W)
+        return pointwise(core(q, k, v).flatten(1, 2), self.fuse)  # (batch, C, H, W)
 
     def attention_map(self, x: Tensor) -> Tensor:
         return reference.full_attention_map(*self.queries_keys(x))
@@ -464,9 +467,9 @@ class CSA(GroupedAttention):
             nn.init.orthogonal_(group_bases)
 
     def fused_output(self, x: Tensor) -> Tensor:
-        v = self.grouped(self.value(x))  # (batch, G, C/G, H, W)
+        v = self.grouped(pointwise(x, self.value))  # (batch, G, C/G, H, W)
         q = pointwise(x, self.query)  # (batch, C', H, W): every group's bases see all of Q
-        return self.fuse(csa_attention(q, v, self.bases).flatten(1, 2))
+        return pointwise(csa_attention(q, v, self.bases).flatten(1, 2), self.fuse)
 
     def attention_map(self, x: Tensor) -> Tensor:
         return reference.csa_attention_map(pointwise(x, self.query), self.bases)
@@ -529,9 +532,9 @@ class CSALR(GroupedAttention):
             return csalr_fused_on_landmarks(
                 x, q, k, self.value, self.fuse, self.grid, landmark_weight=weight
             )
-        v = self.grouped(self.value(x))  # (batch, G, C/G, H, W)
+        v = self.grouped(pointwise(x, self.value))  # (batch, G, C/G, H, W)
         y = csalr_attention(q, k, v, self.grid, landmark_weight=weight)  # (batch, G, C/G, H, W)
-        return self.fuse(y.flatten(1, 2))  # (batch, C, H, W)
+        return pointwise(y.flatten(1, 2), self.fuse)  # (batch, C, H, W)
 
     @torch.no_grad()
     def _smallest_margin(self, q: Tensor, k: Tensor) -> Tensor:

@@ -800,3 +800,26 @@ def test_the_modules_are_plain_autograd():
     assert functions == []
     source = inspect.getsource(attention)
     assert "torch._" not in source and "autograd.Function" not in source
+
+
+# ------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped without one; CI has none)
+# ------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_modules_on_cuda_match_the_cpu_in_float64_and_hold_under_bf16_autocast(kind):
+    x = torch.randn(2, 32, 16, 8)
+    module = sharp_module(kind, x)
+    expected = [t.double() for t in module.double()(x.double())]
+    module = module.float().cuda()
+    result = module(x.cuda())
+    for got, want in zip(result, expected, strict=True):
+        assert rel_err(got.cpu(), want) < 1e-4  # float32 on the GPU, TF32 convs included
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = module(x.cuda())
+    for got, want in zip(mixed, result, strict=True):
+        assert got.dtype == torch.float32 and rel_err(got, want) < 1e-3

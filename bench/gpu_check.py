@@ -1,0 +1,229 @@
+"""The GPU check: PCB and PCB+CSALR cost at the paper's size, then short real-image training.
+
+    python bench/gpu_check.py                         # a CUDA machine, about 6-8 minutes
+    python bench/gpu_check.py --json gpu-check.json
+    python bench/gpu_check.py --device cpu --quick    # every code path on a CPU, tiny sizes
+
+Two parts, printed as one table:
+
+1. cost: one training step of ResNet-50 PCB, PCB+CSALR (2 groups, 96 landmarks) and the
+   pre-rewrite CSALR (bench/attention_before.py), batch 64 at 384x128, in float32 and under
+   bf16 autocast: ms/step, images/s, peak GPU memory, and the increase over PCB (the paper's
+   Table 5 reads +26.4% time and +39.7% memory per image for 2 groups);
+2. training: `reidkit train` from scratch (no ImageNet file on such a machine) on the shared
+   cuhk03-subset for a few hundred steps per preset (default pcb-csalr with the paper's
+   landmark weight 1, the same with 2, and bot / bot-csalr where those presets exist): the
+   loss of the first and last epoch and the largest bound on cond(A_mm) per stage
+   (metrics.csv's cond_bound_stage* columns).
+
+Needs only PyTorch with CUDA and the shared images (`--subset`, or the compact copy of
+bench/compact_subset.py); without a GPU it says so and exits, unless `--device cpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python bench/gpu_check.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+
+import model as model_bench  # noqa: E402 - after the path set-up above
+from measure import format_table, machine_line, measure_memory, time_step  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSETS = (
+    REPO.parent / "shared" / "data" / "cuhk03-subset",
+    REPO / "shared" / "data" / "cuhk03-subset",
+)
+COST_MODELS = ("pcb", "pcb-csalr-g2", "pcb-csalr-g2-before")
+TRAIN_RUNS = {  # name -> (preset, extra --set values)
+    "pcb-csalr c=1": ("pcb-csalr", []),
+    "pcb-csalr c=2": ("pcb-csalr", ["attention.landmark_weight=2"]),
+    "bot": ("bot", []),
+    "bot-csalr": ("bot-csalr", []),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the code")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per cost row")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (113 steps each)")
+    parser.add_argument("--runs", default=",".join(TRAIN_RUNS), help="training runs to do")
+    parser.add_argument("--subset", type=Path, default=None, help="the cuhk03-subset folder")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-check"))
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this file")
+    return parser.parse_args(argv)
+
+
+def cost_rows(args: argparse.Namespace, device: str) -> list[dict[str, object]]:
+    """One training step per model and precision: time, images/s, peak memory."""
+    import torch
+
+    rows = []
+    for precision in ("float32", "bf16"):
+        for name in COST_MODELS:
+            spec = model_bench.MODELS[name]
+            step, _params = model_bench.build_step(spec, args.batch, device, precision == "bf16")
+            peak = measure_memory(step, device, warmup=2)  # MiB above the warmed-up state
+            times = [time_step(step, device) for _ in range(args.repeats)]
+            ms = sorted(times)[len(times) // 2]  # time_step gives milliseconds
+            rows.append(
+                {
+                    "check": "cost",
+                    "name": name,
+                    "precision": precision,
+                    "ms_per_step": ms,
+                    "images_per_s": 1000 * args.batch / ms,
+                    "peak_gib": None if peak is None else peak / 1024,
+                }
+            )
+            del step
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for row in rows:
+        base = next(r for r in rows if r["name"] == "pcb" and r["precision"] == row["precision"])
+        row["time_vs_pcb"] = row["ms_per_step"] / base["ms_per_step"] - 1
+        if row["peak_gib"] is not None and base["peak_gib"]:
+            row["memory_vs_pcb"] = row["peak_gib"] / base["peak_gib"] - 1
+    return rows
+
+
+def train_rows(
+    args: argparse.Namespace, root: Path, dataset: str, train_images: int
+) -> list[dict[str, object]]:
+    """A few hundred steps of `reidkit train` per run, from metrics.csv."""
+    import pandas as pd
+
+    from reidkit.config import available_presets, load_preset
+    from reidkit.engine.train import fit
+
+    size = ["data.height=128", "data.width=64", "attention.grid=4,2"] if args.quick else []
+    rows = []
+    for name in args.runs.split(","):
+        preset, extra = TRAIN_RUNS[name]
+        if preset not in available_presets():
+            print(f"skipping {name}: no preset {preset!r} in this checkout", file=sys.stderr)
+            continue
+        config = load_preset(
+            preset,
+            [
+                f"data.dataset={dataset}",
+                f"data.root={root}",
+                "data.workers=2" if args.quick else "data.workers=8",
+                "model.pretrained=false",
+                f"train.epochs={args.epochs}",
+                f"train.batch_size={8 if args.quick else args.batch}",
+                *size,
+                *extra,
+            ],
+        )
+        out = args.out / name.replace(" ", "-").replace("=", "")
+        started = time.perf_counter()
+        try:
+            checkpoint = fit(config, out, resume=(out / "last.pt").exists(), progress=False)
+        except Exception as err:  # a diverged run is a result here, not a crash
+            rows.append({"check": "train", "name": name, "error": str(err).split(";")[0]})
+            continue
+        metrics = pd.read_csv(checkpoint.parent / "metrics.csv")
+        bounds = [c for c in metrics.columns if c.startswith("cond_bound_stage")]
+        rows.append(
+            {
+                "check": "train",
+                "name": name,
+                "precision": config.train.amp,
+                "steps": int(len(metrics) * (train_images // args.batch)),
+                "images_per_s": float(metrics["images_per_second"].iloc[-1]),
+                "loss_first": float(metrics["loss"].iloc[0]),
+                "loss_last": float(metrics["loss"].iloc[-1]),
+                "train_accuracy": float(metrics["train_accuracy"].iloc[-1]),
+                "cond_bound": "/".join(f"{metrics[c].max():.3g}" for c in bounds) or "-",
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU here: this check is for GPU machines (--device cpu for a dry run)")
+        return 0
+    if args.quick:
+        args.batch, args.repeats, args.epochs = 2, 2, 1
+    started = time.perf_counter()
+    rows = cost_rows(args, args.device)
+
+    from reidkit.data.prepare import prepare_dataset
+    from reidkit.data.synthetic import SyntheticSpec
+
+    root = (args.out / "data").resolve()
+    subset = args.subset or next((p for p in SUBSETS if p.is_dir()), None)
+    if args.quick:  # a dry run: a small synthetic set stands in for the real images
+        spec = SyntheticSpec(train_ids=8, test_ids=4, cameras=2, images_per_camera=2)
+        prepared = prepare_dataset("synthetic", root, synthetic=spec, progress=False)
+    elif subset is None:
+        prepared = None
+        print(f"no cuhk03-subset at {' or '.join(map(str, SUBSETS))}; pass --subset")
+    else:
+        prepared = prepare_dataset(
+            "custom", root, source=subset, name="cuhk03-subset", progress=False
+        )
+    if prepared is not None:
+        train_images = prepared.splits[0].images
+        rows += train_rows(args, root, prepared.name, train_images)
+
+    columns = ["check", "name", "precision", "ms/step", "img/s", "peak GiB", "time vs PCB"]
+    columns += ["mem vs PCB", "loss first -> last", "train acc", "max cond bound (stages)"]
+
+    def number(row, key, fmt):
+        return "" if row.get(key) is None else format(row[key], fmt)
+
+    table = []
+    for row in rows:
+        if "error" in row:
+            table.append([row["check"], row["name"], "", "", "", "", "", "", row["error"], "", ""])
+            continue
+        loss = f"{row['loss_first']:.3f} -> {row['loss_last']:.3f}" if "loss_first" in row else ""
+        table.append(
+            [
+                row["check"],
+                row["name"],
+                str(row.get("precision", "")),
+                number(row, "ms_per_step", ".1f"),
+                number(row, "images_per_s", ".1f"),
+                number(row, "peak_gib", ".2f"),
+                number(row, "time_vs_pcb", "+.1%"),
+                number(row, "memory_vs_pcb", "+.1%"),
+                loss,
+                number(row, "train_accuracy", ".1%"),
+                str(row.get("cond_bound", "")),
+            ]
+        )
+    header = [
+        f"GPU check on {machine_line(args.device)}, batch {args.batch}, "
+        f"{model_bench.HEIGHT}x{model_bench.WIDTH}; took {time.perf_counter() - started:.0f} s",
+        "cost: one training step (forward, eq. 18 loss, backward, SGD); peak: max memory "
+        "allocated above the warmed-up state; paper Table 5 (2 groups): +26.4% time, +39.7% "
+        "memory per image",
+    ]
+    if args.json:
+        from measure import write_rows_json
+
+        write_rows_json(args.json, header, vars(args), rows)
+    for line in header:
+        print(line)
+    print(format_table("GPU check", columns, table, left=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
