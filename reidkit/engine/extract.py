@@ -28,6 +28,27 @@ def embed(output: NetOutput, feature: FeatureKind) -> torch.Tensor:
     return F.normalize(parts.flatten(1), dim=-1)  # (B, P*C)
 
 
+def embed_images(
+    model: ReidNet, images: torch.Tensor, *, feature: FeatureKind = "g", flip: bool = False
+) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) -> the test feature (B, D), float32, rows of unit length.
+
+    With `flip`, each image's part vectors are averaged with its mirror image's before
+    normalising. The one embedding that `extract`, `search`, the Python API and the ONNX
+    export all use.
+    """
+    output = model(images)
+    if flip:
+        mirrored = model(images.flip(-1))
+        output = NetOutput(
+            part_features=output.part_features + mirrored.part_features,
+            reduced_features=output.reduced_features + mirrored.reduced_features,
+            part_logits=output.part_logits,
+            aux_logits=output.aux_logits,
+        )
+    return embed(output, feature)
+
+
 @torch.inference_mode()
 def extract_features(
     model: ReidNet,
@@ -60,18 +81,10 @@ def extract_features(
         for batch in loader:
             images = batch[0].to(device, non_blocking=True)
             try:
-                output = model(images)
-                mirrored = model(images.flip(-1)) if flip else None
+                features = embed_images(model, images, feature=feature, flip=flip)
             except torch.linalg.LinAlgError as err:
                 raise _singular_landmarks(err) from None
-            if mirrored is not None:
-                output = NetOutput(
-                    part_features=output.part_features + mirrored.part_features,
-                    reduced_features=output.reduced_features + mirrored.reduced_features,
-                    part_logits=output.part_logits,
-                    aux_logits=output.aux_logits,
-                )
-            chunks.append(embed(output, feature).cpu().numpy())
+            chunks.append(features.cpu().numpy())
             bar.update(task, advance=1)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)

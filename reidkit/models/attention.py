@@ -165,6 +165,41 @@ def landmark_attention(q_land: Tensor, k_land: Tensor) -> Tensor:
     return torch.softmax(q_land.mT @ k_land, dim=-1)
 
 
+def solve_landmarks(A_mm: Tensor, E: Tensor, iterations: int | None = None) -> Tensor:
+    """``F = A_mm^{-1} E`` for ``A_mm`` ``(..., m, m)`` and ``E`` ``(..., m, e)``.
+
+    By LU (``torch.linalg.solve``; never an explicit inverse), or, given ``iterations``, by that
+    many Newton-Schulz steps: ONNX has no solve operator, and these are matrix products only.
+    From ``X_0 = D^{-1}`` (the inverse of A_mm's diagonal), ``X_{k+1} = (2I - X_k A) X_k``
+    squares the residual each step, ``I - X_{k+1} A = (I - X_k A)^2``, and it starts below 1:
+    ``||I - D^{-1} A_mm||_inf = max_k (1 - s_kk) / (c + s_kk)``, as each row of A_mm is
+    strictly diagonally dominant (:func:`newton_schulz_iterations` turns that into a count).
+    """
+    if iterations is None:
+        return torch.linalg.solve(A_mm, E)
+    eye = torch.eye(A_mm.shape[-1], dtype=A_mm.dtype, device=A_mm.device)  # (m, m)
+    X = torch.diag_embed(1 / A_mm.diagonal(dim1=-2, dim2=-1))  # X_0 = D^{-1}: (..., m, m)
+    for _ in range(iterations):
+        X = (2 * eye - X @ A_mm) @ X
+    return X @ E
+
+
+def newton_schulz_iterations(landmark_weight: float, min_self_weight: float = 0.0) -> int:
+    """Newton-Schulz steps after which ``||I - X A_mm||_inf <= 2^-24`` (float32's rounding).
+
+    The residual starts at most ``r = (1 - s) / (c + s)`` when every landmark's softmax weight
+    on itself is at least ``s = min_self_weight``, and after k steps it is at most ``r^(2^k)``.
+    For ``c >= 2``, ``r <= 1/2`` whatever the attention does: 5 steps. The paper's c = 1 gives
+    ``r`` near 1 as ``s`` nears 0, so the count depends on the smallest self-weight the model
+    meets; with ``s = 0`` there is none (``ValueError``).
+    """
+    c, s = float(landmark_weight), float(min_self_weight)
+    r = (1 - s) / (c + s)
+    if r >= 1:
+        raise ValueError(f"no step count suffices for c = {c:g} and self-weight {s:g}")
+    return max(1, math.ceil(math.log2(24 * math.log(2) / -math.log(r))))
+
+
 def spread_over_patches(rows: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     """``rows P^T``: each landmark's entry copied to every position of its pooling patch.
 
@@ -183,6 +218,7 @@ def csalr_attention(
     grid: tuple[int, int],
     *,
     landmark_weight: float = LANDMARK_WEIGHT,
+    solve_iterations: int | None = None,
 ) -> Tensor:
     """CSALR per group, ``Y = A_nm A_mm^{-1} B V`` (eq. 14-17), re-associated.
 
@@ -196,6 +232,8 @@ def csalr_attention(
         v: values ``(batch, G, e, H, W)``.
         grid: landmark grid ``(H', W')``, m = H'W' landmarks per group; it must divide (H, W).
         landmark_weight: the indicator weight c (:data:`LANDMARK_WEIGHT`; the paper's is 1).
+        solve_iterations: None solves by LU; a count solves by that many Newton-Schulz steps
+            (:func:`solve_landmarks`, for ONNX export).
 
     Returns:
         ``(batch, G, e, H, W)``.
@@ -216,7 +254,7 @@ def csalr_attention(
     B = torch.softmax(Q_land.mT @ K, dim=-1)  # B = A_mn, eq. 13: (batch, G, m, n)
     E = B @ V.mT  # landmark output E = B V: (batch, G, m, e)
     A_mm = landmark_attention(Q_land, K_land) + c * eye  # eq. 16: (batch, G, m, m)
-    F = torch.linalg.solve(A_mm, E)  # A_mm^{-1} E: (batch, G, m, e)
+    F = solve_landmarks(A_mm, E, solve_iterations)  # A_mm^{-1} E: (batch, G, m, e)
     S_nm = torch.softmax(Q.mT @ K_land, dim=-1)  # softmax of A_nm, eq. 15: (batch, G, n, m)
     Y = F.mT @ S_nm.mT  # (S_nm F)^T: (batch, G, e, n)
     Y = Y.view(b, g, e, h // ph, ph, w // pw, pw) + c * spread_over_patches(F.mT, grid, (h, w))
@@ -233,6 +271,7 @@ def csalr_fused_on_landmarks(
     grid: tuple[int, int],
     *,
     landmark_weight: float = LANDMARK_WEIGHT,
+    solve_iterations: int | None = None,
 ) -> Tensor:
     """``fuse(csalr_attention(q, k, value(x)))`` with value and fuse applied to landmark rows.
 
@@ -251,7 +290,7 @@ def csalr_fused_on_landmarks(
         x: the module's input ``(batch, C, H, W)``.
         q, k: queries and keys ``(batch, G, d, H, W)``.
         value, fuse: the module's value and fuse convs (C -> C, 1x1, with bias).
-        grid, landmark_weight: as in :func:`csalr_attention`.
+        grid, landmark_weight, solve_iterations: as in :func:`csalr_attention`.
 
     Returns:
         ``(batch, C, H, W)``: what ``fuse`` returns on the grouped core's output.
@@ -274,7 +313,7 @@ def csalr_fused_on_landmarks(
     XB = (X @ B.flatten(1, 2).mT).unflatten(-1, (g, m))  # X B_g^T for every g: (batch, C, G, m)
     E_t = torch.einsum("gec,bcgm->bgem", W_v, XB) + value.bias.view(1, g, e, 1)  # (batch, G, e, m)
     A_mm = landmark_attention(Q_land, K_land) + c * eye  # eq. 16: (batch, G, m, m)
-    F = torch.linalg.solve(A_mm, E_t.mT)  # A_mm^{-1} E: (batch, G, m, e)
+    F = solve_landmarks(A_mm, E_t.mT, solve_iterations)  # A_mm^{-1} E: (batch, G, m, e)
     R = torch.einsum("cge,bgme->bgcm", W_f, F)  # fuse on F's rows, W_f,g F_g^T: (batch, G, C, m)
     S_nm = torch.softmax(Q.mT @ K_land, dim=-1)  # softmax of A_nm, eq. 15: (batch, G, n, m)
     fused = (R @ S_nm.mT).sum(dim=1)  # sum_g R_g S_nm,g^T: (batch, C, n)
@@ -522,18 +561,21 @@ class CSALR(GroupedAttention):
         self.landmark_weight = float(landmark_weight)
         self.projection = projection
         self.landmark_margin: Tensor | None = None
+        # None: the landmark solve by LU; a count: by Newton-Schulz steps (ONNX export sets it)
+        self.solve_iterations: int | None = None
 
     def fused_output(self, x: Tensor) -> Tensor:
         q, k = self.queries_keys(x)  # (batch, G, d, H, W)
         if self.training:
             self.landmark_margin = self._smallest_margin(q.detach(), k.detach())
-        weight = self.landmark_weight
+        options = {
+            "landmark_weight": self.landmark_weight,
+            "solve_iterations": self.solve_iterations,
+        }
         if self.projection == "landmarks":
-            return csalr_fused_on_landmarks(
-                x, q, k, self.value, self.fuse, self.grid, landmark_weight=weight
-            )
+            return csalr_fused_on_landmarks(x, q, k, self.value, self.fuse, self.grid, **options)
         v = self.grouped(pointwise(x, self.value))  # (batch, G, C/G, H, W)
-        y = csalr_attention(q, k, v, self.grid, landmark_weight=weight)  # (batch, G, C/G, H, W)
+        y = csalr_attention(q, k, v, self.grid, **options)  # (batch, G, C/G, H, W)
         return pointwise(y.flatten(1, 2), self.fuse)  # (batch, C, H, W)
 
     @torch.no_grad()

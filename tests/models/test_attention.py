@@ -823,3 +823,43 @@ def test_modules_on_cuda_match_the_cpu_in_float64_and_hold_under_bf16_autocast(k
         mixed = module(x.cuda())
     for got, want in zip(mixed, result, strict=True):
         assert got.dtype == torch.float32 and rel_err(got, want) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# Newton-Schulz landmark solve (ONNX export)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sharpness", [0.0, 4.0, 40.0])
+def test_newton_schulz_with_c2_is_exact_in_five_steps_for_any_attention(sharpness):
+    # From uniform rows to the two-cycle whose c = 1 matrix is singular.
+    probs = two_cycle_probs(96, sharpness).float()  # (1, m, m)
+    a_mm = probs + 2 * torch.eye(96)
+    rhs = torch.randn(1, 96, 16)
+    steps = attention.newton_schulz_iterations(2.0)
+    assert steps == 5  # r <= 1/2, and (1/2)^(2^5) < 2^-24 <= (1/2)^(2^4)
+    result = attention.solve_landmarks(a_mm, rhs, steps)
+    expected = torch.linalg.solve(a_mm.double(), rhs.double())
+    assert rel_err(result, expected) < 1e-5  # float32 rounding of ten 96-long products
+
+
+@pytest.mark.parametrize(("weight", "self_weight"), [(1.0, 1e-2), (1.0, 1e-5), (1.5, 0.0)])
+def test_newton_schulz_step_count_is_the_smallest_that_reaches_float32(weight, self_weight):
+    r = (1 - self_weight) / (weight + self_weight)  # ||I - D^-1 A_mm||_inf at worst
+    steps = attention.newton_schulz_iterations(weight, self_weight)
+    assert r ** (2**steps) <= 2**-24 < r ** (2 ** (steps - 1))
+
+
+def test_newton_schulz_has_no_step_count_for_the_papers_weight_without_a_floor():
+    with pytest.raises(ValueError, match="no step count"):
+        attention.newton_schulz_iterations(1.0, 0.0)
+
+
+def test_module_with_newton_schulz_steps_matches_its_lu_solve():
+    x = torch.randn(2, 32, 16, 8)
+    module = sharp_module("csalr", x, spread=4.0)
+    module.landmark_weight = 2.0
+    expected = module(x)
+    module.solve_iterations = attention.newton_schulz_iterations(2.0)
+    for got, want in zip(module(x), expected, strict=True):
+        assert rel_err(got, want) < 1e-5
