@@ -1,3 +1,18 @@
-"""reidkit: person re-identification with compressed self-attention (Chen et al., IJCAI 2020)."""
+"""reidkit: person re-identification with compressed self-attention (Chen et al., IJCAI 2020).
+
+The Python API (`reidkit.api`): `load_model(checkpoint)` embeds images, `GalleryIndex`
+builds, saves, loads and searches gallery features. They are imported on first use, so the
+command line starts without loading torch.
+"""
 
 __version__ = "0.1.0"
+
+__all__ = ["GalleryIndex", "ReidModel", "__version__", "load_model"]
+
+
+def __getattr__(name: str):
+    if name in ("GalleryIndex", "ReidModel", "load_model"):
+        from reidkit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'reidkit' has no attribute {name!r}")

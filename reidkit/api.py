@@ -1,0 +1,190 @@
+"""The Python API: a trained model that embeds images, and a gallery index to search.
+
+    from reidkit import load_model, GalleryIndex
+    model = load_model("runs/demo/run/last.pt")
+    features = model.embed(["a.jpg", "b.jpg"])        # (2, D) float32, unit rows
+    index = GalleryIndex.build(features, paths=["a.jpg", "b.jpg"])
+    scores, rows = index.search(model.embed(["query.jpg"]), k=1)
+
+`reidkit extract` and `reidkit search` run on the same pieces: the checkpoint's transforms,
+`reidkit.engine.extract.embed_images` and `reidkit.retrieval.index`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from reidkit import __version__
+from reidkit.config import RunConfig
+from reidkit.data.datasets import parse_market_name
+from reidkit.data.loading import build_transform
+from reidkit.engine.checkpoint import load_model as load_checkpoint_model
+from reidkit.engine.extract import embed_images
+from reidkit.errors import DatasetError, NumericalError
+from reidkit.models.net import ReidNet
+from reidkit.retrieval.index import SearchIndex, build_index, load_index_folder, save_index_folder
+
+ImageLike = Image.Image | np.ndarray | str | Path
+
+
+class ReidModel:
+    """A trained network with its test transform and feature: images in, features out.
+
+    Made by :func:`load_model`. ``embed`` takes PIL images, ``(H, W, 3)`` uint8 RGB arrays or
+    paths, resizes and normalises them as the checkpoint's evaluation did, and returns unit
+    length float32 features (inner product = cosine similarity), in order.
+    """
+
+    def __init__(self, net: ReidNet, config: RunConfig, checkpoint: Path, device: torch.device):
+        self.net, self.config, self.checkpoint, self.device = net, config, checkpoint, device
+        data = config.data
+        self._transform = build_transform(data.height, data.width, train=False)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) every image is resized to."""
+        return self.config.data.height, self.config.data.width
+
+    @property
+    def feature(self) -> str:
+        """The feature kind from the checkpoint's `eval.feature` (g: pooled parts)."""
+        return self.config.eval.feature
+
+    def embed(
+        self,
+        images: Iterable[ImageLike],
+        *,
+        batch_size: int | None = None,
+        flip: bool | None = None,
+    ) -> np.ndarray:
+        """(N, D) float32 features of `images`, each row of unit length.
+
+        `flip` averages each image with its mirror image (default: the checkpoint's
+        `eval.flip`); `batch_size` defaults to its `eval.batch_size`.
+        """
+        flip = self.config.eval.flip if flip is None else flip
+        batch_size = batch_size or self.config.eval.batch_size
+        chunks, batch = [], []
+        for item in images:
+            batch.append(self._transform(_as_image(item)))
+            if len(batch) == batch_size:
+                chunks.append(self._embed_batch(batch, flip))
+                batch = []
+        if batch:
+            chunks.append(self._embed_batch(batch, flip))
+        if not chunks:
+            raise DatasetError("embed() was given no images")
+        return np.concatenate(chunks)
+
+    @torch.inference_mode()
+    def _embed_batch(self, batch: list[torch.Tensor], flip: bool) -> np.ndarray:
+        images = torch.stack(batch).to(self.device)  # (B, 3, H, W)
+        try:
+            features = embed_images(self.net, images, feature=self.feature, flip=flip)
+        except torch.linalg.LinAlgError as err:
+            raise NumericalError(
+                f"a CSALR landmark matrix became singular while embedding ({err}); retrain "
+                "with --set attention.landmark_weight=2"
+            ) from None
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _as_image(item: ImageLike) -> Image.Image:
+    """A PIL image from an image, an (H, W, 3) uint8 array or a path; one line if it is none."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DatasetError(
+                f"an image array must be (H, W, 3) uint8 RGB, got {item.dtype} {item.shape}"
+            )
+        return Image.fromarray(item)
+    if isinstance(item, str | Path):
+        path = Path(item).expanduser()
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except (OSError, ValueError) as err:
+            what = "does not exist" if not path.exists() else f"is not a readable image ({err})"
+            raise DatasetError(f"{path} {what}") from None
+    raise DatasetError(f"cannot embed a {type(item).__name__}; give PIL images, arrays or paths")
+
+
+def load_model(checkpoint: str | Path, *, device: str | torch.device | None = None) -> ReidModel:
+    """A checkpoint written by `reidkit train`, ready to embed (CUDA when present)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net, state = load_checkpoint_model(Path(checkpoint))
+    return ReidModel(net.to(device), state.config, Path(checkpoint).resolve(), device)
+
+
+@dataclass
+class GalleryIndex:
+    """Gallery features with what each row is, searchable; saved as a `reidkit extract` folder."""
+
+    index: SearchIndex
+    features: np.ndarray  # (N, D) float32
+    meta: pd.DataFrame  # path, pid, camid per row (-1 where unknown)
+    info: dict[str, Any]
+
+    @classmethod
+    def build(
+        cls,
+        features: np.ndarray,
+        *,
+        paths: Sequence[str | Path] | None = None,
+        pids: Sequence[int] | None = None,
+        camids: Sequence[int] | None = None,
+        kind: str = "flat",
+        model: ReidModel | None = None,
+    ) -> GalleryIndex:
+        """An index over `features` (flat: exact; ivf, hnsw: approximate; exact: no FAISS).
+
+        Without `pids` / `camids`, they are read from file names that start `PID_cCAM`, as
+        `reidkit extract --images` reads them (-1 for any other name or without `paths`).
+        """
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        n = len(features)
+        names = [str(p) for p in paths] if paths is not None else [""] * n
+        parsed = [parse_market_name(Path(name).name) or (-1, -1) for name in names]
+        meta = pd.DataFrame(
+            {
+                "path": names,
+                "pid": np.asarray(pids if pids is not None else [p for p, _ in parsed], np.int64),
+                "camid": np.asarray(
+                    camids if camids is not None else [c for _, c in parsed], np.int64
+                ),
+            }
+        )
+        if len(meta) != n:
+            raise ValueError(f"{len(meta)} paths / pids / camids for {n} feature rows")
+        info = {
+            "checkpoint": str(model.checkpoint) if model else "",
+            "feature_kind": model.feature if model else "",
+            "flip": bool(model.config.eval.flip) if model else False,
+            "source": "python api",
+            "reidkit": __version__,
+        }
+        return cls(build_index(features, kind), features, meta, info)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GalleryIndex:
+        """An index folder written by `reidkit extract` or :meth:`save`."""
+        loaded = load_index_folder(Path(folder))
+        return cls(loaded.index, np.asarray(loaded.features), loaded.meta, loaded.info)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the folder (index.faiss, features.npy, meta.csv, info.json) atomically."""
+        return save_index_folder(Path(folder), self.index, self.features, self.meta, self.info)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k per query: (scores (Nq, k) cosine, descending; rows (Nq, k) into `meta`)."""
+        return self.index.search(np.asarray(queries, dtype=np.float32), k)
