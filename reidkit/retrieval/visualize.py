@@ -176,3 +176,68 @@ def save_cmc_curve(
     axes.legend(loc="lower right")
     figure.tight_layout()
     return _atomic_write(out_path, lambda handle: figure.savefig(handle, format="png"))
+
+
+POINT_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
+
+
+def save_attention_figure(
+    image: np.ndarray,
+    points: Sequence[tuple[int, int]],
+    maps: dict[str, np.ndarray],
+    out_path: str | Path,
+    *,
+    errors: Sequence[float] | None = None,
+    title: str = "",
+) -> Path:
+    """The paper's Figure 4 as one PNG: the image with numbered points, then for each point
+    each map (label -> (points, h, w), rows summing to 1) overlaid on the image, all maps of
+    one point on one colour scale so that they compare.
+
+    `points` are (row, column) cells of the h x w maps; `errors`, one per point, are printed
+    under the last map of each point (CSALR: the reconstruction's distance to the full map).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    height, width = image.shape[:2]
+    labels = list(maps)
+    h, w = maps[labels[0]].shape[1:]
+    panels = 1 + len(points) * len(labels)
+    figure = Figure(figsize=(1.25 * panels, 1.25 * height / width + 0.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    centre = [((r + 0.5) * height / h, (c + 0.5) * width / w) for r, c in points]
+
+    def show(ax, overlay: np.ndarray | None, top: float = 1.0) -> None:
+        ax.imshow(image)
+        if overlay is not None:
+            big = np.asarray(
+                Image.fromarray(overlay.astype(np.float32)).resize(
+                    (width, height), Image.Resampling.BILINEAR
+                )
+            )
+            ax.imshow(big, cmap="jet", alpha=0.55, vmin=0, vmax=top)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    show(axes[0], None)
+    axes[0].set_title("input", fontsize=8)
+    for i, (y, x) in enumerate(centre):
+        colour = POINT_COLOURS[i % len(POINT_COLOURS)]
+        axes[0].scatter([x], [y], s=40, color=colour, edgecolors="white", linewidths=1)
+        axes[0].annotate(str(i + 1), (x, y), xytext=(4, -4), textcoords="offset points",
+                         color="white", fontsize=7, weight="bold")  # fmt: skip
+        top = max(float(maps[label][i].max()) for label in labels) or 1.0  # one scale per point
+        for j, label in enumerate(labels):
+            ax = axes[1 + i * len(labels) + j]
+            show(ax, maps[label][i], top)
+            ax.scatter([x], [y], s=30, color=colour, edgecolors="white", linewidths=1)
+            text = f"{i + 1}: {label}"
+            if errors is not None and j == len(labels) - 1:
+                text += f"\nTV to full {errors[i]:.3f}"
+            ax.set_title(text, fontsize=6, color=colour)
+    if title:
+        figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    return _atomic_write(out_path, lambda handle: figure.savefig(handle, format="png"))
