@@ -407,6 +407,7 @@ def _train_one_epoch(
             "train_accuracy": correct_total / seen_total,
             "images_per_second": seen_total / seconds,
             "seconds": seconds,
+            "peak_memory_mib": _peak_memory_mib(device),
         }
     )
     if worst is not None:
@@ -443,6 +444,18 @@ def _warn_if_ill_conditioned(row: dict[str, float], config: RunConfig) -> bool:
         soft_wrap=True,
     )
     return True
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the most memory allocated since the epoch began; CPU: the process's resident
+    high-water mark (it never falls, so it is the run's peak so far)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def landmark_condition_bound(margin: float, landmark_weight: float) -> float:
