@@ -66,15 +66,19 @@ def writing(option: str, path: Path) -> Iterator[None]:
         raise ReidkitError(f"cannot write {option} {path}: {reason}; {hint}") from None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file beside `path`, renamed into place; none is left."""
+def write_text(path: Path, text: str) -> None:
+    """Write text through a temporary file beside `path`, renamed into place; none is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        temporary.write_text(text)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_output(option: str, path: Path) -> None:
@@ -450,3 +454,136 @@ def demo(
         f"index       {result.index}\nranked      {result.ranked_png}\n"
         f"try: reidkit search {result.search.query} --index {result.index}"
     )
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
+    out: Annotated[Path, typer.Option(help="the ONNX file to write")] = Path("model.onnx"),
+    check_images: Annotated[
+        Path | None,
+        typer.Option(help="folder of images to check the export on (default: its query split)"),
+    ] = None,
+) -> None:
+    """Write an ONNX model: N x 3 x H x W images -> the checkpoint's unit-length test feature."""
+    from reidkit.engine.export import export_onnx
+
+    try:
+        check_output("--out", out)
+        with writing("--out", out):
+            report = export_onnx(checkpoint, out, check_images=check_images)
+    except (ReidkitError, OSError) as err:
+        raise fail(err) from None
+    for key in ("input", "preprocessing", "feature", "flip", "csalr_solve"):
+        if key in report.metadata:
+            console.print(f"{key:<14}{report.metadata[key]}", highlight=False)
+    if report.min_cosine is None:
+        console.print("[yellow]not checked:[/] no images found; give --check-images FOLDER")
+    else:
+        console.print(
+            f"checked       {report.checked_images} images with onnxruntime, worst cosine "
+            f"to PyTorch {report.min_cosine:.6f}",
+            highlight=False,
+        )
+    console.print(f"model: {report.path} ({report.seconds:.1f} s)")
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """'y,x' (pixels of the resized input image) -> (y, x)."""
+    try:
+        y, x = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a point as y,x in pixels, e.g. 60,32") from None
+    return y, x
+
+
+@app.command()
+def attention(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint of a model with attention")],
+    image: Annotated[Path, typer.Argument(help="a person image")],
+    stage: Annotated[
+        int | None, typer.Option(help="the module after this ResNet stage (default: the first)")
+    ] = None,
+    group: Annotated[int, typer.Option(min=0, help="which channel group's map")] = 0,
+    point: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="query point y,x in pixels of the resized input (repeatable; "
+            "default: head, chest, hips and knees)"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="the PNG to write")] = Path("attention.png"),
+) -> None:
+    """The paper's Figure 4: attention maps of query points, CSALR's beside the full map."""
+    from reidkit.engine.attention_maps import attention_maps
+    from reidkit.retrieval.visualize import save_attention_figure
+
+    try:
+        points = [parse_point(text) for text in point] if point else None
+    except typer.BadParameter as err:
+        raise fail(ValueError(f"--point {err.message}"), 2) from None
+    try:
+        check_output("--out", out)
+        result = attention_maps(checkpoint, image, stage=stage, group=group, points=points)
+        title = f"{image.name}: {result.kind} after stage {result.stage}, group {result.group}"
+        with writing("--out", out):
+            save_attention_figure(
+                result.image, result.points, result.maps, out, errors=result.errors, title=title
+            )
+    except (ReidkitError, OSError) as err:
+        raise fail(err) from None
+    table = Table(title=title)
+    table.add_column("point")
+    table.add_column("map cell (row, column)")
+    if result.errors is not None:
+        table.add_column("CSALR vs full (total variation)", justify="right")
+    for i, cell in enumerate(result.points):
+        row = [str(i + 1), f"{cell[0]}, {cell[1]}"]
+        if result.errors is not None:
+            row.append(f"{result.errors[i]:.4f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"figure: {out}")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="run folders written by `reidkit train`")],
+    ap_mode: Annotated[
+        str, typer.Option(help="torchreid (mean precision at hits) or official (Market trapezoid)")
+    ] = "torchreid",
+    out: Annotated[Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)")] = Path(
+        "comparison"
+    ),
+) -> None:
+    """Finished runs side by side: metrics, the paper's row, epochs, time, images/s, memory."""
+    from reidkit.engine.compare import (
+        comparison_frame,
+        save_comparison_plot,
+        summarise_run,
+        to_markdown,
+    )
+
+    if ap_mode not in ("torchreid", "official"):
+        raise fail(ValueError(f"--ap-mode {ap_mode!r}: choose torchreid or official"), 2)
+    outputs = {suffix: out.with_name(out.name + suffix) for suffix in (".md", ".csv", ".png")}
+    try:
+        for path in outputs.values():
+            check_output("--out", path)
+        summaries = [summarise_run(run, ap_mode=ap_mode) for run in runs]
+        frame = comparison_frame(summaries)
+        with writing("--out", outputs[".md"]):
+            write_text(outputs[".md"], to_markdown(frame))
+        with writing("--out", outputs[".csv"]):
+            write_text(outputs[".csv"], frame.to_csv(index=False))
+        with writing("--out", outputs[".png"]):
+            save_comparison_plot(summaries, outputs[".png"])
+    except (ReidkitError, OSError) as err:
+        raise fail(err) from None
+    table = Table(title=f"runs compared (AP mode {ap_mode})")
+    for column in frame.columns:
+        table.add_column(str(column), justify="left" if column in ("run", "preset") else "right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if value is None or value != value else str(value) for value in row))
+    console.print(table)
+    console.print(f"written: {', '.join(str(p) for p in outputs.values())}")
