@@ -255,8 +255,9 @@ def csalr_attention(
     E = B @ V.mT  # landmark output E = B V: (batch, G, m, e)
     A_mm = landmark_attention(Q_land, K_land) + c * eye  # eq. 16: (batch, G, m, m)
     F = solve_landmarks(A_mm, E, solve_iterations)  # A_mm^{-1} E: (batch, G, m, e)
-    S_nm = torch.softmax(Q.mT @ K_land, dim=-1)  # softmax of A_nm, eq. 15: (batch, G, n, m)
-    Y = F.mT @ S_nm.mT  # (S_nm F)^T: (batch, G, e, n)
+    # softmax of A_nm (eq. 15), held transposed, S_nm^T: (batch, G, m, n), normalised over m
+    S_nm_t = torch.softmax(K_land.mT @ Q, dim=-2)
+    Y = F.mT @ S_nm_t  # (S_nm F)^T: (batch, G, e, n)
     Y = Y.view(b, g, e, h // ph, ph, w // pw, pw) + c * spread_over_patches(F.mT, grid, (h, w))
     return Y.view(b, g, e, h, w)  # A_nm F = (S_nm + c P) F, eq. 17 without the gate
 
@@ -314,13 +315,15 @@ def csalr_fused_on_landmarks(
     E_t = torch.einsum("gec,bcgm->bgem", W_v, XB) + value.bias.view(1, g, e, 1)  # (batch, G, e, m)
     A_mm = landmark_attention(Q_land, K_land) + c * eye  # eq. 16: (batch, G, m, m)
     F = solve_landmarks(A_mm, E_t.mT, solve_iterations)  # A_mm^{-1} E: (batch, G, m, e)
-    R = torch.einsum("cge,bgme->bgcm", W_f, F)  # fuse on F's rows, W_f,g F_g^T: (batch, G, C, m)
-    S_nm = torch.softmax(Q.mT @ K_land, dim=-1)  # softmax of A_nm, eq. 15: (batch, G, n, m)
-    fused = (R @ S_nm.mT).sum(dim=1)  # sum_g R_g S_nm,g^T: (batch, C, n)
+    R = torch.einsum("cge,bgme->bcgm", W_f, F)  # fuse on F's rows, W_f,g F_g^T: (batch, C, G, m)
+    # softmax of A_nm (eq. 15), held transposed, S_nm^T: (batch, G, m, n), normalised over m
+    S_nm_t = torch.softmax(K_land.mT @ Q, dim=-2)
+    # sum_g R_g S_nm,g^T + b_f as one product over the G x m landmark rows: (batch, C, n)
+    fused = torch.baddbmm(fuse.bias[:, None], R.flatten(2), S_nm_t.flatten(1, 2))
     fused = fused.view(b, channels, h // ph, ph, w // pw, pw) + c * spread_over_patches(
-        R.sum(dim=1), grid, (h, w)
+        R.sum(dim=2), grid, (h, w)
     )  # + sum_g c R_g P^T
-    return fused.view(b, channels, h, w) + fuse.bias.view(1, channels, 1, 1)
+    return fused.view(b, channels, h, w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +452,7 @@ class GroupedAttention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             fused = self.fused_output(x)  # (batch, C, H, W)
-            return x + self.alpha * fused, fused
+            return torch.addcmul(x, self.alpha, fused), fused  # x + alpha * fused, one pass
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, qk_channels={self.qk_channels}"
