@@ -287,14 +287,32 @@ def evaluate(
         typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
     ] = None,
     flip: Annotated[
-        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help="average with mirrored images; default: the checkpoint's eval.flip",
+        ),
     ] = None,
     ap_mode: Annotated[
-        str, typer.Option(help="torchreid (mean precision at hits) or official (Market trapezoid)")
-    ] = "torchreid",
-    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (k1=20, k2=6)")] = False,
+        str | None,
+        typer.Option(
+            help="torchreid (mean precision at hits) or official (Market trapezoid); "
+            "default: the checkpoint's eval.ap_mode"
+        ),
+    ] = None,
+    rerank: Annotated[
+        bool | None,
+        typer.Option(
+            "--rerank/--no-rerank",
+            help="k-reciprocal re-ranking (k1=20, k2=6); default: the checkpoint's eval.rerank",
+        ),
+    ] = None,
     feature: Annotated[
-        str | None, typer.Option(help="g: 6 x 2048 pooled parts (default); h: 6 x 256 reduced")
+        str | None,
+        typer.Option(
+            help="g: 6 x 2048 pooled parts; h: 6 x 256 reduced; "
+            "default: the checkpoint's eval.feature"
+        ),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the results here")
@@ -305,7 +323,7 @@ def evaluate(
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
-    if ap_mode not in ("torchreid", "official"):
+    if ap_mode not in (None, "torchreid", "official"):
         raise fail(ValueError(f"--ap-mode {ap_mode!r}: choose torchreid or official"), 2)
     if feature not in (None, "g", "h"):
         raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
