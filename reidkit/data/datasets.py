@@ -289,7 +289,9 @@ def _prepare_hint(folder: Path) -> str:
     for spec in DATASETS.values():
         for variant, layout in spec.variants.items():
             if layout.default_name == name:
-                option = f" --variant {variant}" if variant != DEFAULT_VARIANT else ""
+                # a one-set dataset's only key ("default") is not a name --variant accepts
+                named = len(spec.variants) > 1 and variant != DEFAULT_VARIANT
+                option = f" --variant {variant}" if named else ""
                 return f"run `reidkit prepare {spec.name} {root}{option}` first"
     if name == "synthetic" or name in LIST_DATASETS:
         return f"run `reidkit prepare {name} {root}` first"
