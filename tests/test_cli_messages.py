@@ -43,3 +43,43 @@ def test_a_missing_dataset_suggests_a_prepare_command_that_exists(tmp_path: Path
     assert command.format(root=tmp_path) in line
     if "labeled" not in command:
         assert "--variant" not in line  # `--variant default` is refused by prepare
+
+
+def untrained_checkpoint(config, path: Path, num_ids: int = 8) -> Path:
+    from reidkit.engine.checkpoint import Checkpoint, save_checkpoint
+    from reidkit.models.net import build_model
+
+    model = build_model(config, num_ids)
+    save_checkpoint(path, Checkpoint(config, model.state_dict(), num_ids, 0, "pcb"))
+    return path
+
+
+def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(tiny_config, tmp_path: Path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    for command in ("evaluate", "extract"):
+        line = error_line(invoke(command, empty, "--dataset", "tiny"))
+        assert f"checkpoint {empty} is a folder" in line and "does not exist" not in line
+        assert "runs/<name>/last.pt" in line
+    run = tmp_path / "run"
+    untrained_checkpoint(tiny_config(), run / "last.pt")
+    line = error_line(invoke("evaluate", run))
+    assert (
+        f"checkpoint {run} is a folder; give the checkpoint file inside it, {run}/last.pt" in line
+    )
+
+
+def test_a_query_that_is_a_folder_or_images_that_are_a_file_are_named_so(
+    tiny_config, tiny_root: Path, tmp_path: Path
+):
+    from reidkit.engine.search import build_gallery_index
+
+    checkpoint = untrained_checkpoint(tiny_config(), tmp_path / "last.pt")
+    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False)
+    queries = tiny_root / "tiny" / "query"
+    line = error_line(invoke("search", queries, "--index", index))
+    assert f"query image {queries} is a folder; give image files" in line
+    assert "does not exist" not in line
+    one_image = next(queries.iterdir())
+    line = error_line(invoke("extract", checkpoint, "--images", one_image))
+    assert f"--images {one_image} is a file; give the folder that holds the images" in line

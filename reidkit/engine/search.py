@@ -65,6 +65,8 @@ def folder_images(folder: Path) -> pd.DataFrame:
     Names that do not start with `PID_cCAM` get pid and camid -1 (unknown).
     """
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise DatasetError(f"--images {folder} is a file; give the folder that holds the images")
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -183,6 +185,10 @@ def search_index(
     queries = []
     for path in query_paths:
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise DatasetError(
+                f"query image {path} is a folder; give image files (e.g. {path}/*.jpg)"
+            )
         if not path.is_file():
             raise DatasetError(f"query image {path} does not exist")
         pid, camid = _name_ids(path)
