@@ -284,7 +284,10 @@ def evaluate(
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
+            "training root, else ~/data)"
+        ),
     ] = None,
     flip: Annotated[
         bool | None,
@@ -367,7 +370,10 @@ def extract(
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
+            "training root, else ~/data)"
+        ),
     ] = None,
     index: Annotated[
         str | None,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reidkit.config import PaperRow, RunConfig, data_root
+from reidkit.config import PaperRow, RunConfig, checkpoint_data_root, data_root
 from reidkit.data.datasets import dataset_folder
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model
@@ -195,8 +195,8 @@ def run_evaluation(
     """`reidkit evaluate`: load a checkpoint and evaluate it on a prepared dataset."""
     model, state = load_model(checkpoint)
     config = state.config
-    if root is not None:
-        config = replace(config, data=replace(config.data, root=str(root)))
+    root = checkpoint_data_root(root, config.data.root)
+    config = replace(config, data=replace(config.data, root=str(root)))
     if feature is not None:
         config = replace(config, eval=replace(config.eval, feature=feature))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

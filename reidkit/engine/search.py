@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from reidkit import __version__
-from reidkit.config import RunConfig, data_root
+from reidkit.config import RunConfig, checkpoint_data_root, data_root
 from reidkit.data.datasets import dataset_folder, parse_market_name
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model
@@ -115,6 +115,7 @@ def build_gallery_index(
             "--images FOLDER to embed a folder of images"
         )
     model, state = load_model(checkpoint)
+    root = checkpoint_data_root(root, state.config.data.root)
     config = _eval_config(state.config, root=root, flip=flip, feature=feature)
     if images is not None:
         rows, source = folder_images(images), str(Path(images).expanduser().resolve())
