@@ -266,14 +266,25 @@ def print_report(report) -> None:
         )
     else:
         queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"
+    if report.camera_rule:
+        protocol = "single query, same pid+camera removed"
+    else:
+        protocol = (
+            "single query, camera rule off (the dataset has no camera ids: no same-camera match "
+            "is removed, so the scores are not comparable with published results)"
+        )
     console.print(
-        f"protocol: single query, same pid+camera removed; AP mode: {metrics.ap_mode}; "
+        f"protocol: {protocol}; AP mode: {metrics.ap_mode}; "
         f"{queries}; "
         f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
         f"re-ranking {'on' if report.rerank else 'off'}",
         soft_wrap=True,
         highlight=False,
     )
+    if report.chance_rank1 is not None:
+        console.print(
+            f"chance rank-1 (random ranking): {100 * report.chance_rank1:.1f}%", highlight=False
+        )
 
 
 @app.command()
@@ -466,8 +477,7 @@ def demo(
         result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
-    print_report(result.report)
-    console.print(f"chance rank-1 (random ranking): {100 * result.chance_rank1:.1f}%")
+    print_report(result.report)  # its chance rank-1 line puts the scores in scale
     print_search([result.search])
     console.print(
         f"\ncheckpoint  {result.checkpoint}\ncurves      {result.curves_png}\n"

@@ -219,6 +219,7 @@ def _prepare_custom(
     warnings = [*notes, *_check_custom(frame, source)]
     _check_images(frame["path"], full=check_images, progress=progress)
     record = {"dataset": "custom", "variant": None, "source": str(source), "junk": junk}
+    record["camera_ids"] = CAMID_NOTE not in notes  # `evaluate` says when the rule was off
     manifest = _write(folder, frame, record, verified=False, notes=notes)
     return PreparedDataset(folder.name, manifest, _summarise(frame), False, False, tuple(warnings))
 
