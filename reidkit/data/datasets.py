@@ -26,6 +26,15 @@ MSMT17_NAME_PATTERN = re.compile(r"\d+_\d+_(\d{2})_", re.ASCII)
 JUNK_PID = -1  # Market-1501's badly detected boxes: dropped everywhere
 DISTRACTOR_PID = 0  # Market-1501's distractors: kept in the gallery as negatives
 
+
+def negative_pid_error(pid: int, where: str) -> DatasetError:
+    """The one rule for pids below -1, which no dataset defines: refused, naming the row."""
+    return DatasetError(
+        f"{where}: pid {pid} is negative; pids are 0 or more, and only -1 has a meaning "
+        "(a junk box, dropped, as in Market-1501): renumber the identities"
+    )
+
+
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("path", "pid", "camid", "split")
 
@@ -329,6 +338,10 @@ def read_table(path: Path, *, camid_optional: bool = False) -> pd.DataFrame:
     for column in ("pid", "camid"):
         if column in frame.columns:
             frame[column] = _integer_column(frame[column], column, path)
+    below_junk = frame["pid"] < JUNK_PID
+    if below_junk.any():
+        row = int(below_junk.to_numpy().argmax())
+        raise negative_pid_error(int(frame["pid"].iloc[row]), f"{path} line {row + 2}")
     bad_split = ~frame["split"].isin(SPLITS)
     if bad_split.any():
         row = int(bad_split.to_numpy().argmax())
