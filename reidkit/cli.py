@@ -451,7 +451,7 @@ def search(
     save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
-    from reidkit.engine.search import save_results_montage, search_index
+    from reidkit.engine.search import MONTAGE_COLUMNS, save_results_montage, search_index
 
     try:
         check_output("--save", save)
@@ -462,6 +462,13 @@ def search(
         raise fail(err) from None
     print_search(results)
     console.print(f"montage: {montage}")
+    shown = max((len(result.matches) for result in results), default=0)
+    if shown > MONTAGE_COLUMNS:
+        console.print(
+            f"the montage shows the top {MONTAGE_COLUMNS} of the {shown:,} matches per query; "
+            "the table lists them all",
+            highlight=False,
+        )
 
 
 @app.command()

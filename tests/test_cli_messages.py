@@ -83,3 +83,27 @@ def test_a_query_that_is_a_folder_or_images_that_are_a_file_are_named_so(
     one_image = next(queries.iterdir())
     line = error_line(invoke("extract", checkpoint, "--images", one_image))
     assert f"--images {one_image} is a file; give the folder that holds the images" in line
+
+
+def test_search_caps_the_montage_at_20_matches_and_says_so(
+    tiny_config, tiny_root: Path, tmp_path: Path
+):
+    from PIL import Image
+
+    from reidkit.engine.search import build_gallery_index
+
+    checkpoint = untrained_checkpoint(tiny_config(), tmp_path / "last.pt")
+    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False)
+    query = sorted((tiny_root / "tiny" / "query").iterdir())[0]
+    montage = tmp_path / "ranked.png"
+    result = invoke("search", query, "--index", index, "--top", "1000", "--save", montage)
+    assert result.exit_code == 0, result.output
+    # the table lists all 22 gallery images
+    assert all(f" {rank} " in result.stdout for rank in (1, 21, 22))
+    assert "the montage shows the top 20 of the 22 matches per query" in result.stdout
+    # 64-pixel tiles with 4-pixel borders (72) and 4-pixel gaps, 16 after the query: the query,
+    # then 20 ranked tiles
+    with Image.open(montage) as picture:
+        assert picture.width == 4 + 72 + 16 + 20 * 72 + 19 * 4 + 4
+    small = invoke("search", query, "--index", index, "--top", "20", "--save", montage)
+    assert small.exit_code == 0 and "the montage shows" not in small.stdout

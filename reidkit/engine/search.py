@@ -23,6 +23,9 @@ from reidkit.retrieval.visualize import MontageRow, save_ranked_montage_grid
 DEFAULT_INDEX = Path("runs") / "index"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN = -1  # pid / camid of an image whose file name does not carry them
+# Ranked images per query in the montage: 20 tiles are about 1,600 pixels wide; `--top 100000`
+# would be a 7-million-pixel-wide PNG. The table lists every match.
+MONTAGE_COLUMNS = 20
 
 
 @dataclass(frozen=True)
@@ -238,15 +241,18 @@ def search_index(
     return results
 
 
-def save_results_montage(results: list[QueryResult], out: Path) -> Path:
-    """One row per query: the query, then its ranked matches with green/red/grey borders."""
+def save_results_montage(
+    results: list[QueryResult], out: Path, *, columns: int = MONTAGE_COLUMNS
+) -> Path:
+    """One row per query: the query, then its first `columns` ranked matches with
+    green/red/grey borders."""
     rows = [
         MontageRow(
             query_path=result.query,
-            ranked_paths=[m.path for m in result.matches],
+            ranked_paths=[m.path for m in result.matches[:columns]],
             query_pid=result.query_pid,
-            ranked_pids=[None if m.pid == UNKNOWN else m.pid for m in result.matches],
-            scores=[m.score for m in result.matches],
+            ranked_pids=[None if m.pid == UNKNOWN else m.pid for m in result.matches[:columns]],
+            scores=[m.score for m in result.matches[:columns]],
         )
         for result in results
     ]
