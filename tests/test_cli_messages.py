@@ -107,3 +107,42 @@ def test_search_caps_the_montage_at_20_matches_and_says_so(
         assert picture.width == 4 + 72 + 16 + 20 * 72 + 19 * 4 + 4
     small = invoke("search", query, "--index", index, "--top", "20", "--save", montage)
     assert small.exit_code == 0 and "the montage shows" not in small.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "listed"),
+    [
+        ("prepare", ["[detected|labeled]"]),
+        ("evaluate", ["[torchreid|official]", "[g|h]"]),
+        ("extract", ["[query|gallery|train]", "[flat|ivf|hnsw]", "[g|h]"]),
+    ],
+)
+def test_help_lists_the_choices_of_choice_options(command, listed):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for choices in listed:
+        assert choices in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ("evaluate", "x.pt", "--ap-mode", "mean"),
+            "--ap-mode 'mean': choose torchreid or official",
+        ),
+        (("evaluate", "x.pt", "--feature", "z"), "--feature 'z': choose g or h"),
+        (("extract", "x.pt", "--split", "test"), "--split 'test': choose query, gallery or train"),
+        (("extract", "x.pt", "--index", "ann"), "--index 'ann': choose flat, ivf or hnsw"),
+    ],
+)
+def test_a_value_outside_the_choices_is_one_line_with_exit_code_2(args, line):
+    assert line in error_line(invoke(*args), code=2)
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"reidkit {version('reidkit')}\n"
