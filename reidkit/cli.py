@@ -55,6 +55,27 @@ def fail(err: BaseException, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# The values of the choice options, shown in --help as [a|b] and checked by `check_choice`
+# (one red line, exit code 2, like every other refusal of an option's value).
+AP_MODES = ("torchreid", "official")
+FEATURES = ("g", "h")
+SPLITS = ("query", "gallery", "train")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+VARIANTS = ("detected", "labeled")
+
+
+def choices(values: tuple[str, ...]) -> str:
+    """The metavar that lists an option's choices in --help: [a|b|c]."""
+    return f"[{'|'.join(values)}]"
+
+
+def check_choice(option: str, value: str | None, values: tuple[str, ...]) -> None:
+    """Refuse a value outside `values` (None: not given) as a usage error."""
+    if value is not None and value not in values:
+        listed = f"{', '.join(values[:-1])} or {values[-1]}"
+        raise fail(ValueError(f"{option} {value!r}: choose {listed}"), 2)
+
+
 @contextmanager
 def writing(option: str, path: Path) -> Iterator[None]:
     """Name the option and its path when writing an output file fails."""
@@ -96,6 +117,27 @@ def check_output(option: str, path: Path) -> None:
         )
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from reidkit import __version__
+
+        console.print(f"reidkit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=show_version, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    # no docstring: the app's help stays the one given to typer.Typer above
+    pass
+
+
 @app.command()
 def presets() -> None:
     """List the shipped presets with a one-line description each."""
@@ -130,7 +172,10 @@ def prepare(
         str | None, typer.Option(help="folder name under ROOT (default: the dataset name)")
     ] = None,
     variant: Annotated[
-        str, typer.Option(help="cuhk03-np boxes: detected (the paper's) or labeled")
+        str,
+        typer.Option(
+            help="cuhk03-np boxes: detected (the paper's) or labeled", metavar=choices(VARIANTS)
+        ),
     ] = "detected",
     allow_mismatch: Annotated[
         bool, typer.Option(help="accept counts that differ from the published ones")
@@ -270,14 +315,25 @@ def print_report(report) -> None:
         )
     else:
         queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"
+    if report.camera_rule:
+        protocol = "single query, same pid+camera removed"
+    else:
+        protocol = (
+            "single query, camera rule off (the dataset has no camera ids: no same-camera match "
+            "is removed, so the scores are not comparable with published results)"
+        )
     console.print(
-        f"protocol: single query, same pid+camera removed; AP mode: {metrics.ap_mode}; "
+        f"protocol: {protocol}; AP mode: {metrics.ap_mode}; "
         f"{queries}; "
         f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
         f"re-ranking {'on' if report.rerank else 'off'}",
         soft_wrap=True,
         highlight=False,
     )
+    if report.chance_rank1 is not None:
+        console.print(
+            f"chance rank-1 (random ranking): {100 * report.chance_rank1:.1f}%", highlight=False
+        )
 
 
 @app.command()
@@ -288,17 +344,40 @@ def evaluate(
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
+            "training root, else ~/data)"
+        ),
     ] = None,
     flip: Annotated[
-        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help="average with mirrored images; default: the checkpoint's eval.flip",
+        ),
     ] = None,
     ap_mode: Annotated[
-        str, typer.Option(help="torchreid (mean precision at hits) or official (Market trapezoid)")
-    ] = "torchreid",
-    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (k1=20, k2=6)")] = False,
+        str | None,
+        typer.Option(
+            help="torchreid (mean precision at hits) or official (Market trapezoid); "
+            "default: the checkpoint's eval.ap_mode",
+            metavar=choices(AP_MODES),
+        ),
+    ] = None,
+    rerank: Annotated[
+        bool | None,
+        typer.Option(
+            "--rerank/--no-rerank",
+            help="k-reciprocal re-ranking (k1=20, k2=6); default: the checkpoint's eval.rerank",
+        ),
+    ] = None,
     feature: Annotated[
-        str | None, typer.Option(help="g: 6 x 2048 pooled parts (default); h: 6 x 256 reduced")
+        str | None,
+        typer.Option(
+            help="g: 6 x 2048 pooled parts; h: 6 x 256 reduced; "
+            "default: the checkpoint's eval.feature",
+            metavar=choices(FEATURES),
+        ),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the results here")
@@ -309,10 +388,8 @@ def evaluate(
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
-    if ap_mode not in ("torchreid", "official"):
-        raise fail(ValueError(f"--ap-mode {ap_mode!r}: choose torchreid or official"), 2)
-    if feature not in (None, "g", "h"):
-        raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
+    check_choice("--ap-mode", ap_mode, AP_MODES)
+    check_choice("--feature", feature, FEATURES)
     try:
         for option, path in (("--json", json_out), ("--cmc-plot", cmc_plot)):
             if path is not None:
@@ -344,7 +421,9 @@ def evaluate(
 def extract(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
     dataset: Annotated[str | None, typer.Option(help="prepared dataset to embed")] = None,
-    split: Annotated[str, typer.Option(help="query, gallery or train")] = "gallery",
+    split: Annotated[
+        str, typer.Option(help="the split to embed", metavar=choices(SPLITS))
+    ] = "gallery",
     images: Annotated[
         Path | None, typer.Option(help="embed every image under this folder instead")
     ] = None,
@@ -353,29 +432,36 @@ def extract(
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
+            "training root, else ~/data)"
+        ),
     ] = None,
     index: Annotated[
         str | None,
         typer.Option(
             help="flat (exact), ivf or hnsw (approximate, for huge galleries); "
-            "default: the checkpoint's eval.index"
+            "default: the checkpoint's eval.index",
+            metavar=choices(INDEX_KINDS),
         ),
     ] = None,
     flip: Annotated[
         bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
     ] = None,
-    feature: Annotated[str | None, typer.Option(help="g (6 x 2048) or h (6 x 256)")] = None,
+    feature: Annotated[
+        str | None,
+        typer.Option(
+            help="g (6 x 2048) or h (6 x 256); default: the checkpoint's eval.feature",
+            metavar=choices(FEATURES),
+        ),
+    ] = None,
 ) -> None:
     """Embed a dataset split or an image folder into a FAISS gallery index folder."""
     from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index
 
-    if split not in ("query", "gallery", "train"):
-        raise fail(ValueError(f"--split {split!r}: choose query, gallery or train"), 2)
-    if index not in (None, "flat", "ivf", "hnsw"):
-        raise fail(ValueError(f"--index {index!r}: choose flat, ivf or hnsw"), 2)
-    if feature not in (None, "g", "h"):
-        raise fail(ValueError(f"--feature {feature!r}: choose g or h"), 2)
+    check_choice("--split", split, SPLITS)
+    check_choice("--index", index, INDEX_KINDS)
+    check_choice("--feature", feature, FEATURES)
     try:
         folder = build_gallery_index(
             checkpoint,
@@ -420,7 +506,7 @@ def search(
     save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
-    from reidkit.engine.search import save_results_montage, search_index
+    from reidkit.engine.search import MONTAGE_COLUMNS, save_results_montage, search_index
 
     try:
         check_output("--save", save)
@@ -431,6 +517,13 @@ def search(
         raise fail(err) from None
     print_search(results)
     console.print(f"montage: {montage}")
+    shown = max((len(result.matches) for result in results), default=0)
+    if shown > MONTAGE_COLUMNS:
+        console.print(
+            f"the montage shows the top {MONTAGE_COLUMNS} of the {shown:,} matches per query; "
+            "the table lists them all",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -446,8 +539,7 @@ def demo(
         result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
-    print_report(result.report)
-    console.print(f"chance rank-1 (random ranking): {100 * result.chance_rank1:.1f}%")
+    print_report(result.report)  # its chance rank-1 line puts the scores in scale
     print_search([result.search])
     console.print(
         f"\ncheckpoint  {result.checkpoint}\ncurves      {result.curves_png}\n"

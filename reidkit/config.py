@@ -452,3 +452,14 @@ def data_root(config_root: str = "") -> Path:
     """Where prepared datasets live: the given root, else $REIDKIT_DATA, else ~/data."""
     text = config_root or os.environ.get("REIDKIT_DATA", "") or "~/data"
     return Path(text).expanduser()
+
+
+def checkpoint_data_root(given: Path | str | None, trained_root: str = "") -> Path:
+    """Where `evaluate` and `extract` look for prepared datasets: `--data-root`, else
+    $REIDKIT_DATA, else the root the checkpoint was trained from, else ~/data.
+
+    The environment comes before the checkpoint's root because a checkpoint travels: the
+    root saved in it is a path on the machine that trained it.
+    """
+    text = str(given or "") or os.environ.get("REIDKIT_DATA", "") or trained_root or "~/data"
+    return Path(text).expanduser()

@@ -59,8 +59,8 @@ EVALUATE_DEFAULTS = {
     "dataset": None,
     "root": None,
     "flip": None,  # None: the checkpoint's eval.flip decides
-    "ap_mode": "torchreid",
-    "rerank": False,
+    "ap_mode": None,  # None: the checkpoint's eval.ap_mode decides
+    "rerank": None,  # None: the checkpoint's eval.rerank decides
     "feature": None,  # None: the checkpoint's eval.feature decides
 }
 
@@ -72,11 +72,12 @@ EVALUATE_DEFAULTS = {
         (("--flip",), {"flip": True}),
         (("--no-flip",), {"flip": False}),
         (("--rerank",), {"rerank": True}),
+        (("--no-rerank",), {"rerank": False}),
         (("--feature", "h"), {"feature": "h"}),
         (("--data-root", "~/reid-data"), {"root": Path.home() / "reid-data"}),
         (("--ap-mode", "official"), {"ap_mode": "official"}),
     ],
-    ids=["defaults", "flip", "no-flip", "rerank", "feature", "data-root", "ap-mode"],
+    ids=["defaults", "flip", "no-flip", "rerank", "no-rerank", "feature", "data-root", "ap-mode"],
 )
 def test_evaluate_passes_each_option_and_leaves_the_others_at_their_defaults(
     monkeypatch, tmp_path: Path, options, changed

@@ -26,6 +26,15 @@ MSMT17_NAME_PATTERN = re.compile(r"\d+_\d+_(\d{2})_", re.ASCII)
 JUNK_PID = -1  # Market-1501's badly detected boxes: dropped everywhere
 DISTRACTOR_PID = 0  # Market-1501's distractors: kept in the gallery as negatives
 
+
+def negative_pid_error(pid: int, where: str) -> DatasetError:
+    """The one rule for pids below -1, which no dataset defines: refused, naming the row."""
+    return DatasetError(
+        f"{where}: pid {pid} is negative; pids are 0 or more, and only -1 has a meaning "
+        "(a junk box, dropped, as in Market-1501): renumber the identities"
+    )
+
+
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("path", "pid", "camid", "split")
 
@@ -289,7 +298,9 @@ def _prepare_hint(folder: Path) -> str:
     for spec in DATASETS.values():
         for variant, layout in spec.variants.items():
             if layout.default_name == name:
-                option = f" --variant {variant}" if variant != DEFAULT_VARIANT else ""
+                # a one-set dataset's only key ("default") is not a name --variant accepts
+                named = len(spec.variants) > 1 and variant != DEFAULT_VARIANT
+                option = f" --variant {variant}" if named else ""
                 return f"run `reidkit prepare {spec.name} {root}{option}` first"
     if name == "synthetic" or name in LIST_DATASETS:
         return f"run `reidkit prepare {name} {root}` first"
@@ -327,6 +338,10 @@ def read_table(path: Path, *, camid_optional: bool = False) -> pd.DataFrame:
     for column in ("pid", "camid"):
         if column in frame.columns:
             frame[column] = _integer_column(frame[column], column, path)
+    below_junk = frame["pid"] < JUNK_PID
+    if below_junk.any():
+        row = int(below_junk.to_numpy().argmax())
+        raise negative_pid_error(int(frame["pid"].iloc[row]), f"{path} line {row + 2}")
     bad_split = ~frame["split"].isin(SPLITS)
     if bad_split.any():
         row = int(bad_split.to_numpy().argmax())

@@ -53,6 +53,7 @@ from reidkit.data.datasets import (
     PublishedCounts,
     VariantSpec,
     canonical_name,
+    negative_pid_error,
     parse_market_name,
     parse_msmt17_camera,
     read_manifest,
@@ -219,6 +220,7 @@ def _prepare_custom(
     warnings = [*notes, *_check_custom(frame, source)]
     _check_images(frame["path"], full=check_images, progress=progress)
     record = {"dataset": "custom", "variant": None, "source": str(source), "junk": junk}
+    record["camera_ids"] = CAMID_NOTE not in notes  # `evaluate` says when the rule was off
     manifest = _write(folder, frame, record, verified=False, notes=notes)
     return PreparedDataset(folder.name, manifest, _summarise(frame), False, False, tuple(warnings))
 
@@ -554,6 +556,8 @@ def _scan_lists(
                 if pid == JUNK_PID:
                     junk += 1
                     continue
+                if pid < JUNK_PID:
+                    raise negative_pid_error(pid, where)
                 relative = "/".join(p for p in parts if p not in ("", "."))
                 rows.append((prefix + relative, pid, camid, split))
             missing = [row[0] for row in rows[start:] if not os.path.isfile(row[0])]
@@ -739,6 +743,8 @@ def _scan_layout(base: Path, extensions: tuple[str, ...]) -> tuple[pd.DataFrame,
             if pid == JUNK_PID:
                 junk += 1
                 continue
+            if pid < JUNK_PID:
+                raise negative_pid_error(pid, f"{prefix}{filename}")
             rows.append((prefix + filename, pid, camid, split))
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), junk
 

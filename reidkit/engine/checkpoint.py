@@ -78,6 +78,14 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint without pickle; anything else fails with one line naming the file."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "last.pt"
+        expected = (
+            f"the checkpoint file inside it, {inside}"
+            if inside.is_file()
+            else "a checkpoint file written by `reidkit train` (runs/<name>/last.pt)"
+        )
+        raise CheckpointError(f"checkpoint {path} is a folder; give {expected}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `reidkit train`")
     try:

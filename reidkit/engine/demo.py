@@ -6,10 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from reidkit.config import load_preset
-from reidkit.data.loading import manifest_path, read_manifest
+from reidkit.data.loading import read_manifest
 from reidkit.data.prepare import PreparedDataset, prepare_dataset
 from reidkit.data.synthetic import SyntheticSpec
 from reidkit.engine.checkpoint import load_checkpoint
@@ -32,29 +30,11 @@ class DemoResult:
     checkpoint: Path
     trained: bool  # False when a finished run in the folder was reused
     report: EvaluationReport
-    chance_rank1: float  # rank-1 of a random ranking, for scale
+    chance_rank1: float  # rank-1 of a random ranking, for scale (the evaluation's)
     index: Path
     search: QueryResult
     ranked_png: Path
     curves_png: Path
-
-
-def chance_rank1(manifest: Path) -> float:
-    """Expected rank-1 of a random ranking: per query, true matches / valid gallery entries.
-
-    Valid entries are those the protocol keeps (not the query's pid in the query's camera);
-    queries without a true match among them are skipped, as the evaluation skips them.
-    """
-    frame = read_manifest(manifest)
-    query, gallery = frame[frame["split"] == "query"], frame[frame["split"] == "gallery"]
-    g_pids, g_camids = gallery["pid"].to_numpy(), gallery["camid"].to_numpy()
-    rates = []
-    for pid, camid in zip(query["pid"], query["camid"], strict=True):
-        valid = ~((g_pids == pid) & (g_camids == camid))
-        matches = int((valid & (g_pids == pid)).sum())
-        if matches:
-            rates.append(matches / int(valid.sum()))
-    return float(np.mean(rates))
 
 
 def run_demo(
@@ -103,7 +83,7 @@ def run_demo(
         checkpoint=checkpoint,
         trained=not finished,
         report=report,
-        chance_rank1=chance_rank1(manifest_path(data, "synthetic")),
+        chance_rank1=report.chance_rank1,
         index=index,
         search=result,
         ranked_png=ranked,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,14 +11,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reidkit.config import PaperRow, RunConfig, data_root
+from reidkit.config import PaperRow, RunConfig, checkpoint_data_root, data_root
 from reidkit.data.datasets import dataset_folder
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
+from reidkit.data.prepare import CAMID_NOTE, RECORD_NAME
 from reidkit.engine.checkpoint import load_model
 from reidkit.engine.extract import extract_features
 from reidkit.errors import DatasetError
 from reidkit.models.net import ReidNet
-from reidkit.retrieval.metrics import RankingMetrics, cmc_map, cmc_map_from_features
+from reidkit.retrieval.metrics import (
+    RankingMetrics,
+    chance_rank1,
+    cmc_map,
+    cmc_map_from_features,
+)
 from reidkit.retrieval.rerank import k_reciprocal_rerank_features
 
 # k-reciprocal re-ranking as its authors evaluate (Zhong et al., CVPR 2017); R(i, k1) needs
@@ -44,11 +51,30 @@ class EvaluationReport:
     rerank: bool
     paper: PaperRow | None  # the paper's Table 1 row for this preset and dataset, if any
     seconds: dict[str, float] = field(default_factory=dict)
+    # False for a custom dataset prepared without camera ids: nothing is dropped as a
+    # same-camera match, so the scores cannot be compared with published ones.
+    camera_rule: bool = True
+    chance_rank1: float | None = None  # rank-1 of a random ranking, in [0, 1], for scale
+    query_ids: int | None = None  # identities among the queries
+    gallery_ids: int | None = None  # identities in the gallery, distractors (pid 0) one
+    checkpoint: str | None = None  # the file evaluated, absolute; None inside training
+
+    @property
+    def protocol(self) -> str:
+        """The protocol in words, as the table's line and `--json` state it."""
+        if self.camera_rule:
+            return "single query; same pid and camera removed"
+        return (
+            "single query; camera rule off: the dataset has no camera ids, so no same-camera "
+            "match is removed and the scores are not comparable with published results"
+        )
 
     def as_dict(self) -> dict:
-        """Plain data for `--json`: ranks and metrics in percent, and the protocol."""
+        """Plain data for `--json`: ranks and metrics in percent, the protocol and what was
+        evaluated on what, so that a results file can be traced."""
         m = self.metrics
         return {
+            "checkpoint": self.checkpoint,
             "dataset": self.dataset,
             "preset": self.preset,
             "rank1": 100 * m.rank(1),
@@ -57,11 +83,17 @@ class EvaluationReport:
             "mAP": 100 * m.mAP,
             "mINP": 100 * m.mINP,
             "cmc": [100 * float(v) for v in m.cmc],
+            "chance_rank1": None if self.chance_rank1 is None else 100 * self.chance_rank1,
             "valid_queries": m.num_valid_queries,
             "skipped_queries": m.num_skipped_queries,
+            "averaged_queries": m.num_averaged_queries,
             "num_query": self.num_query,
             "num_gallery": self.num_gallery,
-            "protocol": "single query; same pid and camera removed",
+            "query_ids": self.query_ids,
+            "gallery_ids": self.gallery_ids,
+            "protocol": self.protocol,
+            "camera_rule": self.camera_rule,
+            "comparable_with_published": self.camera_rule,
             "ap_mode": m.ap_mode,
             "feature": self.feature,
             "flip": self.flip,
@@ -69,6 +101,22 @@ class EvaluationReport:
             "paper": None if self.paper is None else vars(self.paper),
             "seconds": self.seconds,
         }
+
+
+def has_camera_ids(folder: Path) -> bool:
+    """False when `prepare` gave a custom CSV without a camid column stand-in cameras.
+
+    Read from the dataset's record (dataset.json); a manifest without one (written by hand)
+    has a camid column, so its cameras count as real.
+    """
+    try:
+        record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    if not isinstance(record, dict):
+        return True
+    # datasets prepared before the record had the key carry the note instead
+    return bool(record.get("camera_ids", CAMID_NOTE not in record.get("notes", [])))
 
 
 def query_gallery(config: RunConfig, dataset: str | None = None) -> tuple[str, pd.DataFrame]:
@@ -178,6 +226,10 @@ def evaluate_model(
         rerank=rerank,
         paper=config.paper.get(dataset_folder(name)),
         seconds=seconds,
+        camera_rule=has_camera_ids(data_root(config.data.root) / name),
+        chance_rank1=chance_rank1(*ids, ap_mode=ap_mode),
+        query_ids=int(query["pid"].nunique()),
+        gallery_ids=int(gallery["pid"].nunique()),
     )
 
 
@@ -195,13 +247,13 @@ def run_evaluation(
     """`reidkit evaluate`: load a checkpoint and evaluate it on a prepared dataset."""
     model, state = load_model(checkpoint)
     config = state.config
-    if root is not None:
-        config = replace(config, data=replace(config.data, root=str(root)))
+    root = checkpoint_data_root(root, config.data.root)
+    config = replace(config, data=replace(config.data, root=str(root)))
     if feature is not None:
         config = replace(config, eval=replace(config.eval, feature=feature))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    return evaluate_model(
+    report = evaluate_model(
         model,
         config,
         dataset=dataset,
@@ -211,3 +263,4 @@ def run_evaluation(
         rerank=rerank,
         progress=progress,
     )
+    return replace(report, checkpoint=str(Path(checkpoint).expanduser().resolve()))

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from reidkit import __version__
-from reidkit.config import RunConfig, data_root
+from reidkit.config import RunConfig, checkpoint_data_root, data_root
 from reidkit.data.datasets import dataset_folder, parse_market_name
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model
@@ -23,6 +23,9 @@ from reidkit.retrieval.visualize import MontageRow, save_ranked_montage_grid
 DEFAULT_INDEX = Path("runs") / "index"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 UNKNOWN = -1  # pid / camid of an image whose file name does not carry them
+# Ranked images per query in the montage: 20 tiles are about 1,600 pixels wide; `--top 100000`
+# would be a 7-million-pixel-wide PNG. The table lists every match.
+MONTAGE_COLUMNS = 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def folder_images(folder: Path) -> pd.DataFrame:
     Names that do not start with `PID_cCAM` get pid and camid -1 (unknown).
     """
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise DatasetError(f"--images {folder} is a file; give the folder that holds the images")
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -113,6 +118,7 @@ def build_gallery_index(
             "--images FOLDER to embed a folder of images"
         )
     model, state = load_model(checkpoint)
+    root = checkpoint_data_root(root, state.config.data.root)
     config = _eval_config(state.config, root=root, flip=flip, feature=feature)
     if images is not None:
         rows, source = folder_images(images), str(Path(images).expanduser().resolve())
@@ -183,6 +189,10 @@ def search_index(
     queries = []
     for path in query_paths:
         path = Path(path).expanduser()
+        if path.is_dir():
+            raise DatasetError(
+                f"query image {path} is a folder; give image files (e.g. {path}/*.jpg)"
+            )
         if not path.is_file():
             raise DatasetError(f"query image {path} does not exist")
         pid, camid = _name_ids(path)
@@ -231,15 +241,18 @@ def search_index(
     return results
 
 
-def save_results_montage(results: list[QueryResult], out: Path) -> Path:
-    """One row per query: the query, then its ranked matches with green/red/grey borders."""
+def save_results_montage(
+    results: list[QueryResult], out: Path, *, columns: int = MONTAGE_COLUMNS
+) -> Path:
+    """One row per query: the query, then its first `columns` ranked matches with
+    green/red/grey borders."""
     rows = [
         MontageRow(
             query_path=result.query,
-            ranked_paths=[m.path for m in result.matches],
+            ranked_paths=[m.path for m in result.matches[:columns]],
             query_pid=result.query_pid,
-            ranked_pids=[None if m.pid == UNKNOWN else m.pid for m in result.matches],
-            scores=[m.score for m in result.matches],
+            ranked_pids=[None if m.pid == UNKNOWN else m.pid for m in result.matches[:columns]],
+            scores=[m.score for m in result.matches[:columns]],
         )
         for result in results
     ]

@@ -389,7 +389,8 @@ def _train_one_epoch(
             correct += int((predictions == labels).sum())
             seen += batch
             elapsed = time.perf_counter() - start
-            advance(loss=loss_value, images_per_second=seen * place.world_size / elapsed)
+            # the running epoch mean, what metrics.csv stores for the epoch (this process's share)
+            advance(loss=sums["loss"] / seen, images_per_second=seen * place.world_size / elapsed)
     seconds = time.perf_counter() - start
     totals = torch.tensor([*sums.values(), correct, seen], dtype=torch.float64, device=device)
     stages = sorted(margins)

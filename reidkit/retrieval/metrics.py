@@ -679,3 +679,34 @@ def cmc_map_from_features(
         progress=progress,
     )
     return metrics_from_ranks(match, max_rank=max_rank, ap_mode=ap_mode)
+
+
+def chance_rank1(
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    ap_mode: APMode = "torchreid",
+) -> float:
+    """Expected rank-1 of a random ranking under the protocol of `cmc_map`, for scale.
+
+    Per query: its true matches / the gallery entries the protocol keeps (all but those with
+    the query's pid and camera). Averaged as `cmc_map` averages CMC: over the queries with a
+    true match ("torchreid"), or over all queries, one without a match scoring 0 ("official").
+    Counted per pid and per (pid, camera), so it costs O(queries + gallery).
+    """
+    _check_ap_mode(ap_mode)
+    by_pid: dict[int, int] = {}
+    by_pid_camera: dict[tuple[int, int], int] = {}
+    for pid, camid in zip(g_pids.tolist(), g_camids.tolist(), strict=True):
+        by_pid[pid] = by_pid.get(pid, 0) + 1
+        by_pid_camera[pid, camid] = by_pid_camera.get((pid, camid), 0) + 1
+    rates = []
+    for pid, camid in zip(q_pids.tolist(), q_camids.tolist(), strict=True):
+        removed = by_pid_camera.get((pid, camid), 0)
+        matches = by_pid.get(pid, 0) - removed
+        if matches:
+            rates.append(matches / (len(g_pids) - removed))
+        elif ap_mode == "official":
+            rates.append(0.0)
+    return float(np.mean(rates)) if rates else 0.0
