@@ -642,7 +642,11 @@ def attention(
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="run folders written by `reidkit train`")],
     ap_mode: Annotated[
-        str, typer.Option(help="torchreid (mean precision at hits) or official (Market trapezoid)")
+        str,
+        typer.Option(
+            help="torchreid (mean precision at hits) or official (Market trapezoid), for all runs",
+            metavar=choices(AP_MODES),
+        ),
     ] = "torchreid",
     out: Annotated[Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)")] = Path(
         "comparison"
@@ -656,8 +660,7 @@ def compare(
         to_markdown,
     )
 
-    if ap_mode not in ("torchreid", "official"):
-        raise fail(ValueError(f"--ap-mode {ap_mode!r}: choose torchreid or official"), 2)
+    check_choice("--ap-mode", ap_mode, AP_MODES)
     outputs = {suffix: out.with_name(out.name + suffix) for suffix in (".md", ".csv", ".png")}
     try:
         for path in outputs.values():
