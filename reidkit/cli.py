@@ -313,15 +313,8 @@ def print_report(report) -> None:
         )
     else:
         queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"
-    if report.camera_rule:
-        protocol = "single query, same pid+camera removed"
-    else:
-        protocol = (
-            "single query, camera rule off (the dataset has no camera ids: no same-camera match "
-            "is removed, so the scores are not comparable with published results)"
-        )
     console.print(
-        f"protocol: {protocol}; AP mode: {metrics.ap_mode}; "
+        f"protocol: {report.protocol}; AP mode: {metrics.ap_mode}; "
         f"{queries}; "
         f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
         f"re-ranking {'on' if report.rerank else 'off'}",

@@ -95,13 +95,13 @@ def test_without_camera_ids_evaluate_says_the_camera_rule_was_off(
     printed = " ".join(result.stdout.split())
     report = json.loads(out.read_text())
     if with_cameras:
-        assert "protocol: single query, same pid+camera removed;" in printed
+        assert "protocol: single query; same pid and camera removed; AP mode" in printed
         assert "camera rule off" not in printed and "not comparable" not in printed
         assert report["camera_rule"] is True and report["comparable_with_published"] is True
         assert report["protocol"] == "single query; same pid and camera removed"
     else:
-        assert "protocol: single query, camera rule off (the dataset has no camera ids" in printed
-        assert "so the scores are not comparable with published results" in printed
+        assert "protocol: single query; camera rule off: the dataset has no camera ids" in printed
+        assert "the scores are not comparable with published results; AP mode" in printed
         assert report["camera_rule"] is False and report["comparable_with_published"] is False
         assert "camera rule off" in report["protocol"]
         assert "not comparable with published results" in report["protocol"]
