@@ -437,7 +437,11 @@ def extract(
         ),
     ] = None,
     flip: Annotated[
-        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help="average with mirrored images; default: the checkpoint's eval.flip",
+        ),
     ] = None,
     feature: Annotated[
         str | None,
