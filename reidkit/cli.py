@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from reidkit.errors import ReidkitError
+from reidkit.terminal import OutputConsole
 
 app = typer.Typer(
     help="Person re-identification: prepare benchmarks, train PCB/RPP + CSALR, evaluate, search.",
@@ -23,8 +23,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Folded only on a terminal: in a file, a pipe or CI, paths and commands stay on one line.
+console = OutputConsole()
+err_console = OutputConsole(stderr=True)
 
 
 # What to do about an operating-system error, by its errno; the path itself is named first.
@@ -220,7 +221,8 @@ def prepare(
         raise fail(err) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    table = Table(title=f"{result.name}: {result.manifest}")
+    title = f"{result.name}: {result.manifest}"
+    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
     for column in ("split", "identities", "images", "cameras"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for row in result.splits:
@@ -286,7 +288,7 @@ def report_table(report) -> Table:
         f"{report.preset} on {report.dataset}: {report.num_query:,} queries, "
         f"{report.num_gallery:,} gallery images"
     )
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
     table.add_column("")
     for column in ("R1", "R5", "R10", "mAP", "mINP"):
         table.add_column(column, justify="right")
@@ -315,15 +317,8 @@ def print_report(report) -> None:
         )
     else:
         queries = f"valid queries {metrics.num_valid_queries:,}, skipped {unmatched:,}"
-    if report.camera_rule:
-        protocol = "single query, same pid+camera removed"
-    else:
-        protocol = (
-            "single query, camera rule off (the dataset has no camera ids: no same-camera match "
-            "is removed, so the scores are not comparable with published results)"
-        )
     console.print(
-        f"protocol: {protocol}; AP mode: {metrics.ap_mode}; "
+        f"protocol: {report.protocol}; AP mode: {metrics.ap_mode}; "
         f"{queries}; "
         f"feature {report.feature}, flip {'on' if report.flip else 'off'}, "
         f"re-ranking {'on' if report.rerank else 'off'}",
@@ -446,7 +441,11 @@ def extract(
         ),
     ] = None,
     flip: Annotated[
-        bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help="average with mirrored images; default: the checkpoint's eval.flip",
+        ),
     ] = None,
     feature: Annotated[
         str | None,
@@ -482,7 +481,8 @@ def extract(
 def print_search(results) -> None:
     for result in results:
         pid = "unknown" if result.query_pid is None else str(result.query_pid)
-        table = Table(title=f"{result.query} (pid {pid})")
+        title = f"{result.query} (pid {pid})"
+        table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
         for column in ("rank", "score", "pid", "camera", "match", "path"):
             table.add_column(column, justify="right" if column in ("rank", "score") else "left")
         for m in result.matches:

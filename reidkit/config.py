@@ -173,6 +173,8 @@ def _resolve_preset(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     if text.endswith(".toml") or os.sep in text:
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"preset file {path} is a folder; give a .toml file")
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
         return path

@@ -95,13 +95,13 @@ def test_without_camera_ids_evaluate_says_the_camera_rule_was_off(
     printed = " ".join(result.stdout.split())
     report = json.loads(out.read_text())
     if with_cameras:
-        assert "protocol: single query, same pid+camera removed;" in printed
+        assert "protocol: single query; same pid and camera removed; AP mode" in printed
         assert "camera rule off" not in printed and "not comparable" not in printed
         assert report["camera_rule"] is True and report["comparable_with_published"] is True
         assert report["protocol"] == "single query; same pid and camera removed"
     else:
-        assert "protocol: single query, camera rule off (the dataset has no camera ids" in printed
-        assert "so the scores are not comparable with published results" in printed
+        assert "protocol: single query; camera rule off: the dataset has no camera ids" in printed
+        assert "the scores are not comparable with published results; AP mode" in printed
         assert report["camera_rule"] is False and report["comparable_with_published"] is False
         assert "camera rule off" in report["protocol"]
         assert "not comparable with published results" in report["protocol"]
@@ -131,3 +131,26 @@ def test_evaluate_prints_the_chance_rank1_and_its_json_traces_what_was_evaluated
     assert report["camera_rule"] is True
     assert report["ap_mode"] == "official" and report["averaged_queries"] == 4
     assert (report["rerank"], report["flip"], report["feature"]) == (False, False, "g")
+
+
+@pytest.mark.parametrize(
+    ("ap_mode", "chance"),
+    # 4 queries at 3/20 each (see above), and a fifth whose identity is not in the gallery:
+    # skipped by torchreid's average, a 0 in the official one
+    [("torchreid", "15.0%"), ("official", "12.0%")],
+)
+def test_the_chance_rank1_is_averaged_as_the_ap_mode_averages(
+    tiny_config, tiny_root: Path, tmp_path: Path, ap_mode: str, chance: str
+):
+    frame = pd.read_csv(tiny_root / "tiny" / "manifest.csv")
+    frame["path"] = [str(tiny_root / "tiny" / p) for p in frame["path"]]
+    stranger = frame[frame["split"] == "train"].head(1).assign(split="query")
+    root = tmp_path / "data"
+    (root / "plus").mkdir(parents=True)
+    pd.concat([frame, stranger]).to_csv(root / "plus" / "manifest.csv", index=False)
+    checkpoint = untrained_checkpoint(tiny_config(), tmp_path / "last.pt")
+    result = invoke(
+        "evaluate", checkpoint, "--dataset", "plus", "--data-root", root, "--ap-mode", ap_mode
+    )
+    assert result.exit_code == 0, result.output
+    assert f"chance rank-1 (random ranking): {chance}" in result.stdout

@@ -146,3 +146,14 @@ def test_version_prints_the_installed_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.stdout == f"reidkit {version('reidkit')}\n"
+
+
+def test_a_preset_that_is_a_folder_and_an_index_that_is_a_file_are_named_so(tmp_path: Path):
+    folder = tmp_path / "mine.toml"
+    folder.mkdir()
+    line = error_line(invoke("train", "--preset", folder))
+    assert f"preset file {folder} is a folder; give a .toml file" in line
+    index_file = tmp_path / "index.faiss"
+    index_file.write_bytes(b"\0" * 16)
+    line = error_line(invoke("search", tmp_path / "q.jpg", "--index", index_file))
+    assert f"--index {index_file} is a file; give the folder `reidkit extract` wrote" in line

@@ -62,6 +62,7 @@ from reidkit.data.datasets import (
 )
 from reidkit.data.synthetic import SyntheticSpec, generate_synthetic
 from reidkit.errors import DatasetError
+from reidkit.terminal import draws_bars
 
 RECORD_NAME = "dataset.json"
 CUSTOM_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -644,14 +645,15 @@ def _extract_tar(archive: Path, target: Path, progress: bool) -> int:
     links = 0
     made: set[Path] = {target}
     # progress follows the compressed bytes read: tar entries are not known up front
+    console = Console(stderr=True)
     with (
         rich.progress.open(
             archive,
             "rb",
             description=f"extracting {archive.name}",
             transient=True,
-            console=Console(stderr=True),
-            disable=not progress,
+            console=console,
+            disable=not draws_bars(progress, console),
         ) as raw,
         tarfile.open(fileobj=raw, mode="r:*") as tar,
     ):
@@ -939,11 +941,12 @@ def _replace_folder(new: Path, folder: Path) -> None:
 
 
 def _steps(items: list, description: str, progress: bool) -> Iterable:
+    console = Console(stderr=True)
     return rich.progress.track(
         items,
         description=description,
         total=len(items),
         transient=True,
-        console=Console(stderr=True),
-        disable=not progress,
+        console=console,
+        disable=not draws_bars(progress, console),
     )

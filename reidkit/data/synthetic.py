@@ -19,6 +19,7 @@ from rich.progress import track
 
 from reidkit.data.datasets import DISTRACTOR_PID, SPLIT_FOLDERS, PublishedCounts
 from reidkit.errors import DatasetError
+from reidkit.terminal import draws_bars
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def generate_synthetic(spec: SyntheticSpec, folder: Path, progress: bool = True)
         enumerate(jobs, start=1),
         total=len(jobs),
         description="generating synthetic images",
-        disable=not progress,
+        disable=not draws_bars(progress, console),
         transient=True,
         console=console,
     )

@@ -104,7 +104,8 @@ class EvaluationReport:
 
 
 def has_camera_ids(folder: Path) -> bool:
-    """False when `prepare` gave a custom CSV without a camid column stand-in cameras.
+    """False when the dataset's cameras are stand-ins: `prepare` gives a custom CSV without a
+    camid column camera 0 for every query and 1 for every other image.
 
     Read from the dataset's record (dataset.json); a manifest without one (written by hand)
     has a camid column, so its cameras count as real.

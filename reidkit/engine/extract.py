@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from reidkit.errors import NumericalError
 from reidkit.models.net import NetOutput, ReidNet
+from reidkit.terminal import draws_bars
 
 FeatureKind = Literal["g", "h"]
 
@@ -76,7 +77,7 @@ def extract_features(
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, disable=not draws_bars(progress), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for batch in loader:
             images = batch[0].to(device, non_blocking=True)

@@ -177,6 +177,11 @@ def search_index(
             f"no gallery index at {folder}; build one with `reidkit extract CHECKPOINT "
             f"--dataset NAME{'' if index is None else f' --out {folder}'}`"
         )
+    if folder.is_file():
+        raise IndexFolderError(
+            f"--index {folder} is a file; give the folder `reidkit extract` wrote (it holds "
+            "index.faiss, features.npy, meta.csv and info.json)"
+        )
     if top < 1:
         raise IndexFolderError("--top must be at least 1")
     loaded = load_index_folder(folder)

@@ -458,9 +458,13 @@ def _rank_in_chunks(
         import rich.progress
         from rich.console import Console
 
-        starts = rich.progress.track(
-            starts, description="ranking", transient=True, console=Console(stderr=True)
-        )
+        from reidkit.terminal import draws_bars
+
+        console = Console(stderr=True)
+        if draws_bars(progress, console):
+            starts = rich.progress.track(
+                starts, description="ranking", transient=True, console=console
+            )
     for chunk, start in enumerate(starts):
         stop = min(num_q, start + chunk_size)
         lo, hi = pair_bounds[chunk], pair_bounds[chunk + 1]

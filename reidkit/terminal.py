@@ -1,0 +1,42 @@
+"""Output that reads right in a terminal and in a log: Rich consoles and progress bars that
+behave when the output is a file, a pipe or CI instead of a terminal."""
+
+from __future__ import annotations
+
+import rich
+import rich.console
+from rich.console import ConsoleDimensions
+
+# Width given to output that is not a terminal: wide enough that no line, table row or command
+# is ever folded (a folded path or command cannot be copied back); tables keep their natural
+# width, so nothing is padded to it.
+PIPED_WIDTH = 10_000
+
+
+class OutputConsole(rich.console.Console):
+    """A Rich console that wraps and squeezes only on a terminal.
+
+    Elsewhere Rich would lay everything out at 80 columns (or the width of a terminal the
+    output is not going to), folding long paths, table cells and suggested commands.
+    $COLUMNS, when set, still decides.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or self._width is not None or "COLUMNS" in self._environ:
+            return size
+        return ConsoleDimensions(PIPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+def draws_bars(progress: bool, console: rich.console.Console | None = None) -> bool:
+    """Whether to show a progress bar: asked for, and a terminal to draw it on.
+
+    On anything else a bar cannot move: Rich leaves a blank line where a transient one was,
+    so none is drawn. `console` defaults to Rich's global one (standard output).
+    """
+    return progress and (console or rich.get_console()).is_terminal
