@@ -246,9 +246,10 @@ def report_table(report) -> Table:
     table.add_row("reidkit", *(f"{100 * v:.1f}" for v in ours), style="bold")
     if report.paper is not None:
         paper = report.paper
+        values = (paper.rank1, paper.rank5, paper.rank10, paper.mAP)
         table.add_row(
-            "paper (Table 1)",
-            *(f"{v:.1f}" for v in (paper.rank1, paper.rank5, paper.rank10, paper.mAP)),
+            paper.source or "paper (Table 1)",
+            *("-" if v is None else f"{v:.1f}" for v in values),
             "-",
         )
     return table
@@ -294,7 +295,8 @@ def evaluate(
     ] = "torchreid",
     rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (k1=20, k2=6)")] = False,
     feature: Annotated[
-        str | None, typer.Option(help="g: 6 x 2048 pooled parts (default); h: 6 x 256 reduced")
+        str | None,
+        typer.Option(help="g: pooled parts (global head: before BNNeck); h: reduced (after it)"),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the results here")
@@ -361,7 +363,9 @@ def extract(
     flip: Annotated[
         bool | None, typer.Option("--flip/--no-flip", help="average with mirrored images")
     ] = None,
-    feature: Annotated[str | None, typer.Option(help="g (6 x 2048) or h (6 x 256)")] = None,
+    feature: Annotated[
+        str | None, typer.Option(help="g: pooled parts (global head: before BNNeck); h: reduced")
+    ] = None,
 ) -> None:
     """Embed a dataset split or an image folder into a FAISS gallery index folder."""
     from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index
