@@ -111,3 +111,31 @@ def test_label_smoothing_follows_its_definition(eps):
     assert identity_loss(logits, labels, label_smoothing=eps).item() == pytest.approx(
         expected, rel=1e-5
     )
+
+
+def test_reid_loss_sums_smoothed_part_ces_triplet_on_pooled_features_and_weighted_ds():
+    from reidkit.engine.train import reid_loss
+    from reidkit.models.net import NetOutput
+
+    torch.manual_seed(3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    pooled = torch.randn(6, 2, 3)  # P = 2 parts of 3 channels: the triplet reads all 6
+    logits = torch.randn(6, 2, 4)
+    aux = (torch.randn(6, 4),)
+    output = NetOutput(pooled, torch.zeros(6, 2, 5), logits, aux)
+    losses = reid_loss(output, labels, 0.5, label_smoothing=0.2, triplet="hard")
+
+    def smoothed(rows, eps=0.2):
+        total = 0.0
+        for row, label in zip(rows, labels, strict=True):
+            log_p = row - torch.log(torch.exp(row).sum())
+            total += -sum((eps / 4 + (1 - eps) * (j == label)) * log_p[j] for j in range(4))
+        return total / len(labels)
+
+    parts = smoothed(logits[:, 0]) + smoothed(logits[:, 1])
+    triplet = naive_batch_hard(pooled.flatten(1), labels, 0.3, "hard")
+    ds = smoothed(aux[0])
+    assert losses["loss_parts"].item() == pytest.approx(parts.item(), rel=1e-5)
+    assert losses["loss_triplet"].item() == pytest.approx(triplet.item(), rel=1e-5)
+    assert losses["loss_ds"].item() == pytest.approx(ds.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx((parts + triplet + 0.5 * ds).item(), rel=1e-5)
