@@ -123,7 +123,7 @@ def learning_rate(config: RunConfig, epoch: int) -> float:
     """
     train = config.train
     if train.schedule == "cosine":
-        span = train.epochs - train.warmup_epochs
+        span = max(1, train.epochs - train.warmup_epochs)  # a run shorter than its warm-up
         decay = 0.5 * (1 + math.cos(math.pi * max(0, epoch - train.warmup_epochs) / span))
     elif train.milestones:
         decay = train.gamma ** sum(epoch >= m for m in train.milestones)

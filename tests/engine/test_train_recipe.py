@@ -57,8 +57,8 @@ def test_step_size_still_steps_without_milestones():
     ("overrides", "message"),
     [
         (["train.milestones=70,40"], "train.milestones = 70,40: give increasing epochs"),
-        (["train.milestones=40,120"], "between 1 and train.epochs - 1 = 119"),
-        (["train.warmup_epochs=120"], "train.warmup_epochs = 120 must be below"),
+        (["train.milestones=0,40"], "train.milestones = 0,40: give increasing epochs from 1"),
+        (["train.warmup_factor=0"], "train.warmup_factor = 0.0: give a fraction in (0, 1]"),
         (["data.sampler=random"], "train.triplet = hard needs identity batches"),
         (["data.instances=1", "train.batch_size=16"], "data.instances of at least 2"),
         (["train.label_smoothing=1"], "train.label_smoothing = 1.0: give a smoothing epsilon"),
@@ -68,6 +68,13 @@ def test_step_size_still_steps_without_milestones():
 def test_inconsistent_recipe_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_preset("bot", overrides)
+
+
+def test_a_shortened_preset_run_stays_in_its_warm_up_before_any_milestone():
+    config = load_preset("bot", ["train.epochs=5"])  # warm-up 10, milestones 40 and 70
+    assert learning_rate(config, 4) == pytest.approx(BASE * (0.01 + 0.99 * 0.4), rel=1e-12)
+    cosine = load_preset("bot", ["train.epochs=10", "train.schedule=cosine"])
+    assert learning_rate(cosine, 9) == pytest.approx(BASE * (0.01 + 0.99 * 0.9), rel=1e-12)
 
 
 def test_optimizer_key_builds_adam_or_sgd_with_the_group_rates(tiny_config):
@@ -142,3 +149,80 @@ def test_every_recipe_key_reaches_the_training_loop(tiny_config, tmp_path: Path,
     total = metrics["loss_parts"] + metrics["loss_triplet"] + metrics["loss_ds"]
     assert (metrics["loss"] - total).abs().max() < 1e-4  # L = L_id + L_tri + lambda sum L_DS
     assert list(metrics["stage"]) == ["global", "global"]
+
+
+# 16 training identities x 2 cameras x 4 images = 128 training images; 12 test identities
+# queried in one camera each, against their 7 other images and 4 distractors.
+LEARN_SPEC_ARGS = {
+    "train_ids": 16,
+    "test_ids": 12,
+    "cameras": 2,
+    "images_per_camera": 4,
+    "height": 64,
+    "width": 32,
+    "seed": 5,
+    "query_cameras": 1,
+    "distractors": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def learn_root(tmp_path_factory) -> Path:
+    from reidkit.data.prepare import prepare_dataset
+    from reidkit.data.synthetic import SyntheticSpec
+
+    root = tmp_path_factory.mktemp("learn")
+    spec = SyntheticSpec(**LEARN_SPEC_ARGS)
+    prepare_dataset("synthetic", root, name="learn", synthetic=spec, progress=False)
+    return root
+
+
+def test_bot_preset_learns_on_synthetic_data(learn_root: Path, tmp_path: Path):
+    from reidkit.api import load_model as load_api_model
+    from reidkit.engine.checkpoint import load_model
+    from reidkit.engine.demo import chance_rank1
+    from reidkit.engine.evaluate import evaluate_model
+
+    # The bot preset shrunk like the smoke preset: ResNet-18 from scratch at 64x32, batches
+    # of 4 identities x 4 images, a higher rate and a 1-epoch warm-up for 6 epochs.
+    config = load_preset(
+        "bot",
+        [
+            "data.dataset=learn",
+            f"data.root={learn_root}",
+            "data.height=64",
+            "data.width=32",
+            "data.workers=0",
+            "model.arch=resnet18",
+            "model.pretrained=false",
+            "train.batch_size=16",
+            "train.lr=3e-3",
+            "train.warmup_epochs=1",
+            "train.epochs=6",
+            "train.eval_every=6",
+            "eval.batch_size=64",
+        ],
+    )
+    checkpoint = fit(config, tmp_path / "run", progress=False)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    chance = chance_rank1(learn_root / "learn" / "manifest.csv")  # about 5%
+    assert chance < 0.06
+    rank1 = metrics["rank1"].iloc[-1]
+    assert rank1 >= 4 * chance, (rank1, chance)
+    assert metrics["loss_triplet"].iloc[-1] < 0.5 * metrics["loss_triplet"].iloc[0]
+    # the checkpoint evaluates and embeds through the generic paths, after BNNeck
+    model, state = load_model(checkpoint)
+    assert state.head == "global" and torch.equal(model.head.bn.bias, torch.zeros(512))
+    report = evaluate_model(model, state.config, progress=False)
+    assert report.metrics.rank(1) == pytest.approx(rank1, abs=1e-12)
+    frame = pd.read_csv(learn_root / "learn" / "manifest.csv")
+    paths = [str(learn_root / "learn" / p) for p in frame["path"].head(3)]
+    features = load_api_model(checkpoint).embed(paths)
+    assert features.shape == (3, 512)
+    assert np_allclose_rows_unit(features)
+
+
+def np_allclose_rows_unit(features) -> bool:
+    import numpy as np
+
+    return bool(np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5))
