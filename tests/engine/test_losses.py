@@ -92,10 +92,20 @@ def test_margin_enters_the_hard_loss_one_for_one():
 
 
 def test_anchors_without_positives_are_left_out():
-    features = torch.tensor([[0.0], [1.0], [3.0]])
-    labels = torch.tensor([0, 0, 1])  # image 2 has no positive; 0 and 1 each: d_ap 1, d_an 3 / 2
-    expected = (max(0, 1 - 3 + 0.3) + max(0, 1 - 2 + 0.3)) / 2
-    assert batch_hard_triplet_loss(features, labels).item() == pytest.approx(expected, rel=1e-6)
+    features = torch.tensor([[0.0], [2.0], [3.0]])
+    labels = torch.tensor([0, 0, 1])  # image 2 has no positive (only itself)
+    # anchor 0: d_ap 2, d_an 3; anchor 1: d_ap 2, d_an 1; margin 2
+    expected = (max(0, 2 - 3 + 2) + max(0, 2 - 1 + 2)) / 2
+    loss = batch_hard_triplet_loss(features, labels, margin=2.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert naive_batch_hard(features, labels, 2.0, "hard").item() == pytest.approx(expected)
+
+
+def test_a_batch_without_any_valid_anchor_gives_zero_and_still_backpropagates():
+    features = torch.randn(4, 3, requires_grad=True)
+    loss = batch_hard_triplet_loss(features, torch.zeros(4, dtype=torch.long))  # no negatives
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(features.grad, torch.zeros(4, 3))
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.5])
@@ -139,3 +149,13 @@ def test_reid_loss_sums_smoothed_part_ces_triplet_on_pooled_features_and_weighte
     assert losses["loss_triplet"].item() == pytest.approx(triplet.item(), rel=1e-5)
     assert losses["loss_ds"].item() == pytest.approx(ds.item(), rel=1e-5)
     assert losses["loss"].item() == pytest.approx((parts + triplet + 0.5 * ds).item(), rel=1e-5)
+
+
+def test_triplet_loss_is_shift_invariant_in_float32_despite_large_norms():
+    # ReLU features of a trained trunk share a large mean; ||a||^2 + ||b||^2 - 2ab on them
+    # cancels most digits of the small distances between images of one identity.
+    torch.manual_seed(4)
+    features, labels = torch.randn(8, 16), torch.arange(2).repeat_interleave(4)
+    near = batch_hard_triplet_loss(features, labels)
+    far = batch_hard_triplet_loss(features + 300.0, labels)
+    assert far.item() == pytest.approx(near.item(), rel=1e-4)
