@@ -3,6 +3,7 @@
     python bench/gpu_check.py                         # a CUDA machine, about 6-8 minutes
     python bench/gpu_check.py --json gpu-check.json
     python bench/gpu_check.py --device cpu --quick    # every code path on a CPU, tiny sizes
+    python bench/gpu_check.py --parts train --runs bot,bot-csalr   # the strong baseline only
 
 Two parts, printed as one table:
 
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per cost row")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (113 steps each)")
     parser.add_argument("--runs", default=",".join(TRAIN_RUNS), help="training runs to do")
+    parser.add_argument(
+        "--parts", default="cost,train", help="which parts to run: cost, train or both"
+    )
     parser.add_argument("--subset", type=Path, default=None, help="the cuhk03-subset folder")
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-check"))
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this file")
@@ -169,14 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.batch, args.repeats, args.epochs = 2, 2, 1
     started = time.perf_counter()
-    rows = cost_rows(args, args.device)
+    parts = set(args.parts.split(","))
+    rows = cost_rows(args, args.device) if "cost" in parts else []
 
     from reidkit.data.prepare import prepare_dataset
     from reidkit.data.synthetic import SyntheticSpec
 
     root = (args.out / "data").resolve()
     subset = args.subset or next((p for p in SUBSETS if p.is_dir()), None)
-    if args.quick:  # a dry run: a small synthetic set stands in for the real images
+    if "train" not in parts:
+        prepared = None
+    elif args.quick:  # a dry run: a small synthetic set stands in for the real images
         spec = SyntheticSpec(train_ids=8, test_ids=4, cameras=2, images_per_camera=2)
         prepared = prepare_dataset("synthetic", root, synthetic=spec, progress=False)
     elif subset is None:
