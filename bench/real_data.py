@@ -1,49 +1,90 @@
-"""Train and evaluate on real pedestrian images (the shared cuhk03-subset) within a time budget.
+"""Train one recipe from scratch on real pedestrians (the shared cuhk03-subset) in a time budget.
 
-Prepares the subset as a `custom` dataset, trains smoke-like settings (ResNet-18 + CSALR from
-scratch) one epoch at a time until the next epoch would overrun `--minutes`, then runs
-`reidkit evaluate` on its query / gallery split. Prints the loss curve, the final training
-accuracy, rank-1 and mAP, and the commands that reproduce them.
+One command = one run: a recipe, a seed, `--minutes` of training (evaluation excluded),
+rank-1 / mAP on the subset's query / gallery after every `--eval-minutes` of training and at
+the end. Each evaluation is a row of `--results` (a CSV shared by all runs: a run replaces
+only its own recipe-and-seed rows); `--plot` draws rank-1 against minutes for every run in
+it into one PNG.
 
-    python bench/real_data.py --minutes 10                     # CPU, the issue's budget
-    python bench/real_data.py --minutes 10 --train-ids 150     # more epochs in that budget
-    python bench/real_data.py --minutes 8 --set data.height=256 --set data.width=128 \
-        --set model.arch=resnet50 --set attention.grid=8,4     # a GPU machine
+    python bench/real_data.py --recipe pcb --seed 0 --minutes 30          # the paper's recipe
+    python bench/real_data.py --recipe pcb-csalr --seed 0 --minutes 30
+    python bench/real_data.py --recipe bot --seed 0 --minutes 30          # the strong baseline
+    python bench/real_data.py --recipe bot-csalr --seed 0 --minutes 30
+    python bench/real_data.py --plot bench/out/real-data/rank1.png        # all runs, one plot
+
+Recipes (the shipped preset of that name, then the settings below, the same for all four):
+
+    pcb        PCB, 6 stripes, cross-entropy, SGD 0.1, step x0.1 at 40 and 80 of 100 epochs
+    pcb-csalr  the same + CSALR after stages 1-3 with deep supervision
+    bot        global head + BNNeck, label smoothing 0.1, batch-hard triplet 0.3, P x K
+               = 16 x 4, Adam 3.5e-4 / 5e-4, warm-up from 0.01x over 10 of 120 epochs, x0.1
+               at 40 and 70, pad-crop, random erasing 0.5
+    bot-csalr  the same + CSALR after stages 1-3 with deep supervision
+
+Chosen for a CPU budget, the same for every recipe: ResNet-18 from scratch (no ImageNet
+weights can be had offline) at 128x64, last stride 1 (stage maps 32x16, 16x8, 8x4; PCB's six
+stripes pool the 8-row final map adaptively). CSALR's 4x4 landmark grid pools 8x4, 4x2 and
+2x1 patches there, the patches of the paper's 12x8 grid at 384x128, with landmark weight 2
+(from scratch the paper's 1 turns A_mm singular). Batch 64 for all. Every layer is new, so the
+trunk and the modules train at the full rate (multipliers 1). The bot recipe's 10-pixel pad
+at 256x128 becomes 5 pixels at half the size.
+
+The schedule is each recipe's own, compressed into the budget: after t of T minutes the rate
+is the one its preset gives at epoch t/T x epochs (100 or 120). So the bot warm-up takes the
+first 1/12 of the budget and its steps fall at 1/3 and 7/12, however many epochs the machine
+manages; fixed epochs would leave a 30-minute CPU run inside the warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from reidkit.config import load_preset
-from reidkit.data.prepare import prepare_dataset
-from reidkit.engine.checkpoint import load_checkpoint
-from reidkit.engine.train import fit
+if __package__ in (None, ""):  # run as `python bench/real_data.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reidkit.config import RunConfig, data_root, load_preset  # noqa: E402
+from reidkit.data.prepare import prepare_dataset  # noqa: E402
 
 DEFAULT_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cuhk03-subset"
+DEFAULT_OUT = Path("bench/out/real-data")
+RECIPES = ("pcb", "pcb-csalr", "bot", "bot-csalr")
 
-# Smoke-like: ResNet-18 + CSALR from scratch. 128x64 keeps a CPU epoch of 7,239 images near
-# three minutes; the 8x4 final map still gives PCB six (adaptive) stripes, and a 4x4 grid
-# divides the 32x16, 16x8 and 8x4 stage maps. Identity batches (P x K) give every identity
-# several images per batch, which a 743-way classifier trained for minutes needs.
-SETTINGS = (
+# The same small model, input and batch for every recipe (see the module docstring).
+COMMON = (
+    "model.arch=resnet18",
+    "model.pretrained=false",
     "data.height=128",
     "data.width=64",
-    "data.sampler=identity",
-    "data.instances=4",
-    "attention.grid=4,4",
-    "train.batch_size=32",
-    "train.lr=0.05",
-    "train.epochs=12",
-    "train.step_size=8",
+    "train.batch_size=64",
+    "train.trunk_lr_mult=1.0",
+    "train.attention_lr_mult=1.0",
+    "eval.batch_size=128",
+    "data.workers=2",  # loader processes beside the training process; --set data.workers=N
 )
+CSALR = ("attention.grid=4,4", "attention.landmark_weight=2")
+BOT = ("data.pad_crop=5",)
+RESULT_COLUMNS = (
+    "recipe", "seed", "minutes", "steps", "epochs", "images", "lr", "loss", "loss_parts",
+    "loss_triplet", "loss_ds", "train_accuracy", "rank1", "mAP", "status",
+)  # fmt: skip
+
+
+def recipe_overrides(recipe: str) -> list[str]:
+    """The `--set` values that turn the recipe's preset into this benchmark's run."""
+    extra = [*COMMON]
+    if recipe.endswith("csalr"):
+        extra += CSALR
+    if recipe.startswith("bot"):
+        extra += BOT
+    return extra
 
 
 def write_identity_slice(manifest: Path, train_ids: int, csv: Path) -> Path:
@@ -53,89 +94,292 @@ def write_identity_slice(manifest: Path, train_ids: int, csv: Path) -> Path:
     frame = frame.assign(path=paths)
     keep = sorted(frame.loc[frame["split"] == "train", "pid"].unique())[:train_ids]
     sliced = frame[(frame["split"] != "train") | frame["pid"].isin(keep)]
-    temporary = csv.with_name(f".{csv.name}.tmp")  # renamed: never half-written
-    sliced[["path", "pid", "camid", "split"]].to_csv(temporary, index=False)
-    temporary.replace(csv)
+    write_atomic(csv, sliced[["path", "pid", "camid", "split"]].to_csv(index=False))
     return csv
 
 
-def main() -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write beside `path` under a temporary name, then rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(text, bytes):
+        temporary.write_bytes(text)
+    else:
+        temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def compressed_rate(config: RunConfig, fraction: float) -> float:
+    """The recipe's base rate at `fraction` of the budget: its schedule at that share of
+    its epochs (learning_rate's formulas hold for a fractional epoch)."""
+    from reidkit.engine.train import learning_rate
+
+    return learning_rate(config, min(fraction, 1.0) * config.train.epochs)
+
+
+def train_within_budget(
+    config: RunConfig,
+    *,
+    recipe: str,
+    minutes: float,
+    eval_minutes: float,
+    out: Path,
+    log=print,
+) -> list[dict[str, object]]:
+    """Train `config` for `minutes` of training time, evaluating after every `eval_minutes`.
+
+    The clock runs only while training (loading batches included); evaluations pause it.
+    Returns one row per evaluation; saves the final weights as `out/last.pt`.
+    """
+    import torch
+
+    from reidkit.data.loading import (
+        build_loader,
+        epoch_seed,
+        manifest_path,
+        read_manifest,
+        split_dataset,
+    )
+    from reidkit.engine import train as train_module
+    from reidkit.engine.checkpoint import Checkpoint, save_checkpoint
+    from reidkit.engine.evaluate import evaluate_model
+    from reidkit.errors import ReidkitError
+    from reidkit.models.net import build_model
+
+    manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
+    train_set = split_dataset(manifest, "train", config.data, train=True)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, train_set.num_ids)
+    optimizer = train_module._build_optimizer(model, config)
+    budget, every = minutes * 60, eval_minutes * 60
+    trained = 0.0  # seconds of training so far
+    next_eval = min(every, budget)
+    rows: list[dict[str, object]] = []
+    sums = dict.fromkeys(train_module.LOSS_TERMS, 0.0)
+    correct = seen = steps = images = 0
+    status, epoch = "ok", 0
+
+    def evaluate() -> None:
+        nonlocal sums, correct, seen
+        try:
+            metrics = evaluate_model(model, config, progress=False).metrics
+            rank1, mean_ap = 100 * metrics.rank(1), 100 * metrics.mAP
+        except ReidkitError as err:  # a diverged model's landmark solve fails on the gallery
+            rank1 = mean_ap = math.nan
+            log(f"evaluation failed: {err}")
+        model.train()
+        row = {
+            "recipe": recipe,
+            "seed": config.train.seed,
+            "minutes": trained / 60,
+            "steps": steps,
+            "epochs": images / len(train_set),
+            "images": images,
+            "lr": compressed_rate(config, trained / budget),
+            **{key: value / max(seen, 1) for key, value in sums.items()},  # since the last row
+            "train_accuracy": correct / max(seen, 1),
+            "rank1": rank1,
+            "mAP": mean_ap,
+            "status": status,
+        }
+        rows.append(row)
+        log(
+            f"{recipe} seed {row['seed']}: {row['minutes']:5.1f} min, {row['epochs']:.2f} epochs,"
+            f" loss {row['loss']:.3f}, train acc {100 * row['train_accuracy']:.1f}%, "
+            f"R1 {row['rank1']:.1f}%, mAP {row['mAP']:.1f}%"
+        )
+        sums = dict.fromkeys(sums, 0.0)
+        correct = seen = 0
+
+    model.train()
+    while trained < budget and status == "ok":
+        torch.manual_seed(epoch_seed(config.train.seed, epoch))
+        loader = build_loader(
+            train_set, "train", config.data, train=True,
+            batch_size=config.train.batch_size, seed=config.train.seed, epoch=epoch,
+        )  # fmt: skip
+        started = time.perf_counter()
+        for batch_images, labels, _camids, _indices in loader:
+            base = compressed_rate(config, trained / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = base * group["lr_mult"]
+            try:
+                output = model(batch_images)
+                losses = train_module.reid_loss(
+                    output,
+                    labels,
+                    config.attention.ds_weight,
+                    label_smoothing=config.train.label_smoothing,
+                    triplet=config.train.triplet,
+                    triplet_margin=config.train.triplet_margin,
+                )
+                if not math.isfinite(losses["loss"].item()):
+                    raise FloatingPointError("the loss became non-finite")
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if config.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                optimizer.step()
+            except (FloatingPointError, torch.linalg.LinAlgError) as err:
+                status = f"diverged: {str(err).splitlines()[0]}"
+                break
+            batch = labels.numel()
+            for key in sums:
+                sums[key] += losses[key].item() * batch
+            predictions = output.part_logits.detach().softmax(-1).sum(1).argmax(-1)
+            correct += int((predictions == labels).sum())
+            seen += batch
+            steps, images = steps + 1, images + batch
+            now = time.perf_counter()
+            trained += now - started
+            if trained >= next_eval:
+                evaluate()  # off the clock
+                next_eval = min(next_eval + every, budget)
+            if trained >= budget:
+                break
+            started = time.perf_counter()
+        epoch += 1
+    if status != "ok" or not rows or rows[-1]["steps"] != steps:
+        evaluate()
+    state = Checkpoint(
+        config=config,
+        model=model.state_dict(),
+        num_ids=train_set.num_ids,
+        epoch=epoch,
+        head=model.head_kind,
+        history=[{k: v for k, v in row.items() if k not in ("recipe", "status")} for row in rows],
+    )
+    save_checkpoint(out / "last.pt", state)
+    return rows
+
+
+def merge_results(path: Path, rows: list[dict[str, object]]) -> pd.DataFrame:
+    """`path` with this run's rows in place of any earlier rows of the same recipe and seed.
+
+    Refuses a file that is not a results table of this script, so nothing else is overwritten.
+    """
+    new = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    if path.exists():
+        old = pd.read_csv(path)
+        if list(old.columns) != list(RESULT_COLUMNS):
+            raise SystemExit(
+                f"{path} is not a results table of bench/real_data.py; give another --results"
+            )
+        keys = set(zip(new["recipe"], new["seed"], strict=True))
+        mine = [(r, s) in keys for r, s in zip(old["recipe"], old["seed"], strict=True)]
+        new = pd.concat([old[[not m for m in mine]], new], ignore_index=True)
+    new = new.sort_values(["recipe", "seed", "minutes"], kind="stable")
+    write_atomic(path, new.to_csv(index=False))
+    return new
+
+
+def plot_results(results: Path, png: Path) -> Path:
+    """Rank-1 against training minutes, one line per run (colour: recipe, style: seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results.is_file():
+        raise SystemExit(f"no results at {results}; train a recipe first (--recipe)")
+    frame = pd.read_csv(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(RECIPES, ("tab:blue", "tab:cyan", "tab:red", "tab:orange"), strict=True))
+    styles = ("-", "--", ":", "-.")
+    for (recipe, seed), run in frame.groupby(["recipe", "seed"], sort=True):
+        ax.plot(
+            run["minutes"], run["rank1"], marker="o", markersize=3,
+            color=colours.get(recipe), linestyle=styles[int(seed) % len(styles)],
+            label=f"{recipe} seed {seed}",
+        )  # fmt: skip
+    ax.set(xlabel="training minutes (evaluation excluded)", ylabel="rank-1 (%)")
+    ax.set_title("cuhk03-subset from scratch: ResNet-18, 128x64")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    temporary = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    os.replace(temporary, png)
+    return png
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", choices=RECIPES, help="what to train (omit to only --plot)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time budget")
+    parser.add_argument(
+        "--eval-minutes", type=float, default=5.0, help="evaluate after every N training minutes"
+    )
     parser.add_argument("--subset", type=Path, default=DEFAULT_SUBSET)
-    parser.add_argument("--out", type=Path, default=Path("bench/out/real-data"))
-    parser.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--results", type=Path, default=None, help="CSV of all runs (default OUT/results.csv)"
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="draw rank-1 vs minutes here")
     parser.add_argument(
         "--train-ids",
         type=int,
         default=0,
-        help="train on the first N training identities only (query and gallery unchanged), so "
-        "a short budget covers more epochs; 0: all 743",
+        help="train on the first N training identities only (query and gallery unchanged); "
+        "0: all 743",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.recipe is None and args.plot is None:
+        parser.error("give --recipe to train, --plot to draw, or both")
+    if args.minutes <= 0 or args.eval_minutes <= 0:
+        parser.error("--minutes and --eval-minutes must be positive")
+    return args
 
-    root = args.out / "data"
-    name = "cuhk03-subset"
-    prepared = prepare_dataset("custom", root, source=args.subset, name=name)
-    if args.train_ids:
-        name = f"cuhk03-subset-{args.train_ids}ids"
-        source = write_identity_slice(prepared.manifest, args.train_ids, root / f"{name}.csv")
-        prepared = prepare_dataset("custom", root, source=source, name=name)
-    overrides = [
-        *SETTINGS,
-        f"data.dataset={name}",
-        f"data.root={root.resolve()}",
-        *args.overrides,
-    ]
-    config = load_preset("smoke", overrides)
-    run = args.out / "run"
-    budget = args.minutes * 60
-    start = time.perf_counter()
-    epoch_seconds = 0.0
-    done = load_checkpoint(run / "last.pt").epoch if (run / "last.pt").exists() else 0
-    while done < config.train.epochs:
-        elapsed = time.perf_counter() - start
-        if done and elapsed + epoch_seconds > budget:
-            break
-        began = time.perf_counter()
-        checkpoint = fit(config, run, resume=done > 0, stop_after=1)
-        epoch_seconds = time.perf_counter() - began
-        done += 1
-    trained_minutes = (time.perf_counter() - start) / 60
 
-    evaluate = [
-        sys.executable, "-m", "reidkit", "evaluate", str(checkpoint),
-        "--data-root", str(root), "--json", str(args.out / "evaluation.json"),
-    ]  # fmt: skip
-    subprocess.run(evaluate, check=True)
-    evaluation = json.loads((args.out / "evaluation.json").read_text())
-    metrics = pd.read_csv(run / "metrics.csv")
-
-    counts = ", ".join(f"{s.split} {s.images}" for s in prepared.splits)
-    print(f"\nsubset: {prepared.manifest} ({counts})")
-    print(f"trained {len(metrics)} epochs in {trained_minutes:.1f} min; loss per epoch:")
-    print(metrics[["epoch", "loss", "loss_parts", "loss_ds", "train_accuracy", "images_per_second"]]
-          .to_string(index=False, float_format=lambda v: f"{v:.3f}"))  # fmt: skip
-    print(
-        f"\nfinal training accuracy {100 * metrics['train_accuracy'].iloc[-1]:.1f}%; "
-        f"rank-1 {evaluation['rank1']:.1f}%, mAP {evaluation['mAP']:.1f}% "
-        f"({evaluation['valid_queries']} queries, AP mode {evaluation['ap_mode']})"
-    )
-    sets = " ".join(f"--set {o}" for o in overrides if not o.startswith("data.root"))
-    print("\nreproduce:")
-    print(f"  reidkit prepare custom {root} --source {args.subset} --name cuhk03-subset")
-    if args.train_ids:
-        print(f"  reidkit prepare custom {root} --source {root / (name + '.csv')} --name {name}")
-    print(f"  reidkit train --preset smoke --data-root {root} --out {run} {sets}")
-    print(f"  reidkit evaluate {checkpoint} --data-root {root}")
-    if args.json:
-        rows = {"training": metrics.to_dict("records"), "evaluation": evaluation,
-                "minutes": trained_minutes, "overrides": overrides}  # fmt: skip
-        temporary = args.json.with_name(f".{args.json.name}.tmp")  # renamed: never half-written
-        temporary.write_text(json.dumps(rows, indent=2) + "\n")
-        temporary.replace(args.json)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = args.results or args.out / "results.csv"
+    if args.recipe:
+        if not args.subset.is_dir():
+            raise SystemExit(f"no cuhk03-subset at {args.subset}; pass --subset")
+        root = (args.out / "data").resolve()
+        name = "cuhk03-subset"
+        prepared = prepare_dataset("custom", root, source=args.subset, name=name, progress=False)
+        if args.train_ids:
+            name = f"cuhk03-subset-{args.train_ids}ids"
+            source = write_identity_slice(prepared.manifest, args.train_ids, root / f"{name}.csv")
+            prepared = prepare_dataset("custom", root, source=source, name=name, progress=False)
+        overrides = [
+            *recipe_overrides(args.recipe),
+            f"data.dataset={name}",
+            f"data.root={root}",
+            f"train.seed={args.seed}",
+            *args.overrides,
+        ]
+        config = load_preset(args.recipe, overrides)
+        run = args.out / f"{args.recipe}-seed{args.seed}"
+        counts = ", ".join(f"{s.split} {s.images}" for s in prepared.splits)
+        print(f"subset: {prepared.manifest} ({counts})")
+        rows = train_within_budget(
+            config,
+            recipe=args.recipe,
+            minutes=args.minutes,
+            eval_minutes=args.eval_minutes,
+            out=run,
+        )
+        merge_results(results, rows)
+        write_atomic(run / "rows.json", json.dumps(rows, indent=2) + "\n")
+        sets = " ".join(f"--set {o}" for o in args.overrides)
+        print(f"rows: {results} and {run / 'rows.json'}; weights: {run / 'last.pt'}")
+        print(
+            f"reproduce: python bench/real_data.py --recipe {args.recipe} --seed {args.seed} "
+            f"--minutes {args.minutes:g} --eval-minutes {args.eval_minutes:g}"
+            + (f" --train-ids {args.train_ids}" if args.train_ids else "")
+            + (f" {sets}" if sets else "")
+        )
+    if args.plot:
+        print(f"plot: {plot_results(results, args.plot)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -297,9 +297,10 @@ def report_table(report) -> Table:
     table.add_row("reidkit", *(f"{100 * v:.1f}" for v in ours), style="bold")
     if report.paper is not None:
         paper = report.paper
+        values = (paper.rank1, paper.rank5, paper.rank10, paper.mAP)
         table.add_row(
-            "paper (Table 1)",
-            *(f"{v:.1f}" for v in (paper.rank1, paper.rank5, paper.rank10, paper.mAP)),
+            paper.source or "paper (Table 1)",
+            *("-" if v is None else f"{v:.1f}" for v in values),
             "-",
         )
     return table
@@ -369,7 +370,7 @@ def evaluate(
     feature: Annotated[
         str | None,
         typer.Option(
-            help="g: 6 x 2048 pooled parts; h: 6 x 256 reduced; "
+            help="g: pooled parts (global head: before BNNeck); h: reduced (after it); "
             "default: the checkpoint's eval.feature",
             metavar=choices(FEATURES),
         ),
@@ -450,7 +451,8 @@ def extract(
     feature: Annotated[
         str | None,
         typer.Option(
-            help="g (6 x 2048) or h (6 x 256); default: the checkpoint's eval.feature",
+            help="g: pooled parts (global head: before BNNeck); h: reduced (after it); "
+            "default: the checkpoint's eval.feature",
             metavar=choices(FEATURES),
         ),
     ] = None,

@@ -39,8 +39,12 @@ class ModelConfig:
     pretrained: bool = True  # ImageNet weights, as in the paper
     weights: str = ""  # torchvision ImageNet checkpoint file; empty = look in torch's hub cache
     last_stride: int = 1  # PCB: 384x128 -> 24x8 final map
-    head: Literal["pcb", "rpp"] = "pcb"
-    parts: int = 6  # PCB's six horizontal stripes
+    # pcb / rpp: the paper's part heads. global: the strong baseline's single feature (Luo et
+    # al., CVPR-W 2019): GAP -> BNNeck (BN with its bias frozen at 0) -> bias-free classifier;
+    # the triplet loss reads the feature before the BN (eval.feature g), the classifier and
+    # the test feature after it (eval.feature h).
+    head: Literal["pcb", "rpp", "global"] = "pcb"
+    parts: int = 6  # PCB's six horizontal stripes (pcb / rpp heads only)
     reduced: int = 256  # per-part 1x1 reduction of PCB
     dropout: float = 0.5  # on the pooled stripes g, before the reduction, as in PCB's code
     # One reduction (1x1 conv + BN) for all stripes, as both the PCB and CSALR authors' codes
@@ -82,10 +86,29 @@ class TrainConfig:
     # The paper sets "the backbone" to 0.1x and describes the attention modules as enhancing
     # that backbone; the authors' PCB_CSALR code trains the modules at 0.1x, like the trunk.
     attention_lr_mult: float = 0.1
-    momentum: float = 0.9
+    # SGD as the paper; Adam (L2 weight decay added to the gradient, as the strong baseline's
+    # code) converges faster from ImageNet weights with a triplet loss. Both use the groups.
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4
+    # step: x gamma every `step_size` epochs, or at each epoch of `milestones` when given;
+    # cosine: half a cosine from the (warmed-up) rate to 0 at `epochs`.
+    schedule: Literal["step", "cosine"] = "step"
     step_size: int = 40  # x gamma every 40 epochs
+    milestones: tuple[int, ...] = ()  # 0-based epochs where the rate is multiplied by gamma
     gamma: float = 0.1
+    # Linear warm-up: epoch e < warmup_epochs trains at lr x (f + (1 - f) e / warmup_epochs),
+    # f = warmup_factor: large Adam steps on a fresh classifier would otherwise wreck the
+    # pretrained trunk in the first epochs (strong baseline: 10 epochs from 0.01x). 0 = off.
+    warmup_epochs: int = 0
+    warmup_factor: float = 0.01
+    # Identity losses (every CE: parts, global, deep supervision) against (1 - eps) one-hot +
+    # eps / N: keeps the classifier from over-confident logits on few images per identity.
+    label_smoothing: float = 0.0
+    # Batch-hard triplet loss (Hermans et al. 2017) on the feature before the BN: "hard" is
+    # max(0, d_ap - d_an + margin), "soft" log(1 + exp(d_ap - d_an)). Needs identity batches.
+    triplet: Literal["off", "hard", "soft"] = "off"
+    triplet_margin: float = 0.3
     grad_clip: float = 0.0  # max global gradient norm; 0 = off, as in the paper
     # Mixed precision on CUDA: off (float32, as the paper trains), bf16, fp16 (with a loss
     # scaler), or auto (bf16 where the GPU supports it, else fp16). The attention cores run in
@@ -98,7 +121,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    feature: Literal["g", "h"] = "g"  # g: 6x2048 pooled parts (PCB's test feature); h: 6x256
+    # g: 6x2048 pooled parts (PCB's test feature); h: 6x256 reduced. Global head: g is the
+    # pooled feature before BNNeck, h the one after it (the strong baseline's test feature).
+    feature: Literal["g", "h"] = "g"
     flip: bool = False  # average with the flipped image; the paper does not use it
     ap_mode: Literal["torchreid", "official"] = "torchreid"
     max_rank: int = 50
@@ -109,12 +134,14 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PaperRow:
-    """One row of the paper's Table 1 for one dataset, in percent."""
+    """One published row for one dataset, in percent: the paper's Table 1 unless `source` says
+    otherwise. Rank-5 / rank-10 are None where the publication does not give them."""
 
     rank1: float
-    rank5: float
-    rank10: float
+    rank5: float | None
+    rank10: float | None
     mAP: float  # noqa: N815 - the field's name is the metric's
+    source: str = ""  # empty: Table 1 of the CSALR paper
 
 
 @dataclass(frozen=True)
@@ -217,23 +244,40 @@ def config_from_dict(
     return config
 
 
+_PAPER_REQUIRED = ("rank1", "mAP")
+_PAPER_OPTIONAL = ("rank5", "rank10")  # not every publication reports them
+
+
 def _paper_rows(table: Any, source: str) -> dict[str, PaperRow]:
-    """`[paper.DATASET]` tables -> PaperRow, each holding exactly the four metrics as numbers."""
-    names = [f.name for f in fields(PaperRow)]
+    """`[paper.DATASET]` tables -> PaperRow: rank1 and mAP numbers, optionally rank5, rank10
+    and a `source` string naming the publication (empty: the CSALR paper's Table 1)."""
+    names = [*_PAPER_REQUIRED, *_PAPER_OPTIONAL]
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: paper must be [paper.DATASET] tables of {', '.join(names)}")
     rows = {}
     for dataset, row in table.items():
-        if not isinstance(row, dict) or sorted(row) != sorted(names):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{source}: [paper.{dataset}] must be a table of {', '.join(names)}")
+        # A checkpoint's plain-data config holds the metrics a publication lacks as None.
+        row = {key: value for key, value in row.items() if value is not None}
+        missing = [key for key in _PAPER_REQUIRED if key not in row]
+        unknown = sorted(set(row) - {*names, "source"})
+        if missing or unknown:
             raise ConfigError(
-                f"{source}: [paper.{dataset}] needs exactly {', '.join(names)}, each a number"
+                f"{source}: [paper.{dataset}] needs {', '.join(_PAPER_REQUIRED)} (and may give "
+                f"{', '.join(_PAPER_OPTIONAL)}, source); "
+                + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
             )
         for key, value in row.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key == "source":
+                if not isinstance(value, str):
+                    raise ConfigError(f"{source}: [paper.{dataset}] source must be a string")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(
                     f"{source}: [paper.{dataset}] {key} = {value!r} must be a number (percent)"
                 )
-        rows[str(dataset)] = PaperRow(**{key: float(value) for key, value in row.items()})
+        metrics = {key: float(row[key]) if key in row else None for key in names}
+        rows[str(dataset)] = PaperRow(**metrics, source=str(row.get("source", "")))
     return rows
 
 
@@ -393,6 +437,10 @@ FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.momentum", lambda m: 0 <= m < 1, "a number in [0, 1)"),
     ("train.weight_decay", _at_least(0), "0 or a positive weight decay"),
     ("train.step_size", _at_least(1), "at least 1 epoch between learning-rate steps"),
+    ("train.warmup_epochs", _at_least(0), "0 (off) or a number of epochs"),
+    ("train.warmup_factor", lambda f: 0 < f <= 1, "a fraction in (0, 1] of the base rate"),
+    ("train.label_smoothing", lambda e: 0 <= e < 1, "a smoothing epsilon in [0, 1)"),
+    ("train.triplet_margin", _at_least(0), "a margin >= 0 (the strong baseline's 0.3)"),
     ("train.gamma", _above(0), "a positive factor (the paper's 0.1)"),
     ("train.grad_clip", _at_least(0), "0 (off) or a positive gradient norm"),
     ("train.eval_every", _at_least(0), "0 (never) or a number of epochs"),
@@ -416,7 +464,7 @@ def validate(config: RunConfig) -> None:
     if model.last_stride not in (1, 2):
         raise ConfigError("model.last_stride must be 1 (PCB) or 2 (plain ResNet)")
     final_h = stage_map_size(config, 4)[0]
-    if final_h < model.parts:
+    if model.head != "global" and final_h < model.parts:
         raise ConfigError(
             f"the final map has {final_h} rows, fewer than model.parts = {model.parts}; "
             "raise data.height or lower model.parts"
@@ -446,8 +494,24 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             "model.head = rpp needs 0 < train.rpp_epochs <= train.epochs (the paper: 100 and 60)"
         )
-    if model.head == "pcb" and train.rpp_epochs:
-        raise ConfigError("train.rpp_epochs is set but model.head = pcb; set model.head=rpp")
+    if model.head != "rpp" and train.rpp_epochs:
+        raise ConfigError(
+            f"train.rpp_epochs is set but model.head = {model.head}; set model.head=rpp"
+        )
+    # Milestones and a warm-up past train.epochs are allowed: a shortened run of a preset
+    # (--set train.epochs=5) simply never reaches them.
+    milestones = train.milestones
+    if list(milestones) != sorted(set(milestones)) or any(m < 1 for m in milestones):
+        raise ConfigError(
+            f"train.milestones = {','.join(map(str, milestones))}: give increasing epochs "
+            "from 1 on, e.g. 40,70 (empty: every train.step_size epochs)"
+        )
+    if train.triplet != "off" and (data.sampler != "identity" or data.instances < 2):
+        # With uniform batches most anchors have no other image of their identity in the batch.
+        raise ConfigError(
+            f"train.triplet = {train.triplet} needs identity batches with positives: set "
+            "data.sampler=identity and data.instances of at least 2 (e.g. 4)"
+        )
 
 
 def data_root(config_root: str = "") -> Path:

@@ -42,3 +42,20 @@ def test_protocol_line_names_the_queries_averaged_over(monkeypatch, tmp_path, ap
     result = runner.invoke(app, ["evaluate", str(tmp_path / "last.pt"), "--ap-mode", ap_mode])
     assert result.exit_code == 0, result.output
     assert wording in " ".join(result.stdout.split())
+
+
+def test_a_reference_row_names_its_source_and_shows_unpublished_ranks_as_dashes(
+    monkeypatch, tmp_path
+):
+    from dataclasses import replace
+
+    from reidkit.config import load_preset
+
+    row = load_preset("bot").paper["market1501"]
+    with_row = replace(report("torchreid"), preset="bot", paper=row)
+    monkeypatch.setattr(evaluate_module, "run_evaluation", lambda *a, **k: with_row)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "last.pt")])
+    assert result.exit_code == 0, result.output
+    line = next(text for text in result.stdout.splitlines() if "Luo et al." in text)
+    cells = [cell.strip() for cell in line.split("│") if cell.strip()]
+    assert cells == ["Luo et al. 2019 (BoT)", "94.1", "-", "-", "85.7", "-"]

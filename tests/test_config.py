@@ -228,9 +228,11 @@ PAPER_ROW = "rank1 = 94.0\nrank5 = 98.1\nrank10 = 98.8\nmAP = 83.8\n"
     ("text", "fragment"),
     [
         ('paper = 3\nname = "x"\n', "paper must be [paper.DATASET] tables"),
-        ("[paper]\nmarket1501 = 94.0\n", "[paper.market1501] needs exactly rank1, rank5"),
-        ("[paper.market1501]\nrank1 = 94.0\n", "[paper.market1501] needs exactly"),
-        (f"[paper.market1501]\n{PAPER_ROW}extra = 1\n", "[paper.market1501] needs exactly"),
+        ("[paper]\nmarket1501 = 94.0\n", "[paper.market1501] must be a table of rank1, mAP"),
+        ("[paper.market1501]\nrank1 = 94.0\n", "[paper.market1501] needs rank1, mAP"),
+        ("[paper.market1501]\nrank1 = 94.0\n", "missing mAP"),
+        (f"[paper.market1501]\n{PAPER_ROW}extra = 1\n", "unknown extra"),
+        (f"[paper.market1501]\n{PAPER_ROW}source = 3\n", "source must be a string"),
         (
             "[paper.market1501]\n" + PAPER_ROW.replace("94.0", '"abc"'),
             "[paper.market1501] rank1 = 'abc' must be a number",
@@ -247,6 +249,16 @@ def test_malformed_paper_table_is_refused_naming_the_row(tmp_path: Path, text, f
     with pytest.raises(ConfigError) as err:
         load_preset(path)
     assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def test_paper_row_without_rank5_rank10_keeps_them_unknown_and_names_its_source(tmp_path: Path):
+    path = tmp_path / "bot.toml"
+    path.write_text('[paper.market1501]\nrank1 = 94.1\nmAP = 85.7\nsource = "Luo et al."\n')
+    row = load_preset(path).paper["market1501"]
+    assert (row.rank1, row.rank5, row.rank10, row.mAP) == (94.1, None, None, 85.7)
+    assert row.source == "Luo et al."
+    # and through a checkpoint's plain data, where the unknown ranks are None
+    assert config_from_dict(config_to_dict(load_preset(path))).paper["market1501"] == row
 
 
 def test_paper_row_of_integers_loads_as_floats(tmp_path: Path):

@@ -1,4 +1,5 @@
-"""Paper presets carry section 4.2's settings and Table 1's numbers, typed in from the paper."""
+"""Paper presets carry section 4.2's settings and Table 1's numbers, typed in from the paper;
+the strong-baseline presets carry Luo et al.'s recipe and published rows."""
 
 import pytest
 
@@ -19,8 +20,71 @@ DATASETS = ("market1501", "dukemtmc-reid", "cuhk03-np")
 ATTENTION = {"": "none", "-sa": "sa", "-csa": "csa", "-csalr": "csalr"}
 
 
+# Luo et al. (CVPR-W 2019): rank-1 and mAP; they publish no rank-5 / rank-10.
+BOT_ROWS = {"market1501": (94.1, 85.7), "dukemtmc-reid": (86.4, 76.4)}
+
+
 def test_every_paper_row_has_a_preset():
-    assert set(TABLE_1) | {"smoke"} == set(available_presets())
+    assert set(TABLE_1) | {"smoke", "bot", "bot-csalr"} == set(available_presets())
+
+
+def test_presets_command_lists_the_strong_baseline_presets():
+    from typer.testing import CliRunner
+
+    from reidkit.cli import app
+
+    shown = CliRunner().invoke(app, ["presets"])
+    assert shown.exit_code == 0, shown.output
+    assert "bot-csalr" in shown.output and "bag of tricks" in shown.output
+
+
+@pytest.mark.parametrize("name", ["bot", "bot-csalr"])
+def test_strong_baseline_preset_settings(name):
+    config = load_preset(name)
+    data, model, train = config.data, config.model, config.train
+    # Luo et al.: 256x128, flip, 10-pixel pad + crop, random erasing 0.5, P x K = 16 x 4
+    assert (data.height, data.width, data.flip, data.pad_crop) == (256, 128, 0.5, 10)
+    assert data.random_erasing == 0.5
+    assert data.sampler == "identity" and train.batch_size // data.instances == 16
+    assert data.instances == 4
+    assert model.arch == "resnet50" and model.pretrained and model.last_stride == 1
+    assert model.head == "global" and config.eval.feature == "h"  # test feature after BNNeck
+    assert (train.optimizer, train.lr, train.weight_decay) == ("adam", 3.5e-4, 5e-4)
+    assert train.trunk_lr_mult == 1.0
+    assert (train.warmup_epochs, train.warmup_factor) == (10, 0.01)
+    assert (train.schedule, train.milestones, train.gamma, train.epochs) == (
+        "step",
+        (40, 70),
+        0.1,
+        120,
+    )
+    assert train.label_smoothing == 0.1
+    assert (train.triplet, train.triplet_margin) == ("hard", 0.3)
+    for dataset, (rank1, mAP) in BOT_ROWS.items():
+        row = config.paper[dataset]
+        assert (row.rank1, row.mAP, row.rank5, row.rank10) == (rank1, mAP, None, None)
+        assert "Luo et al." in row.source
+    attention = config.attention
+    if name == "bot":
+        assert attention.kind == "none"
+    else:
+        assert attention.kind == "csalr" and attention.stages == (1, 2, 3)
+        assert attention.deep_supervision and attention.ds_weight == 1.0
+        assert attention.groups == 2
+        # the paper's patches (8x4, 4x2, 2x1) on the 64x32, 32x16, 16x8 maps of 256x128
+        gh, gw = attention.grid
+        maps = [(64, 32), (32, 16), (16, 8)]
+        assert [(h // gh, w // gw) for h, w in maps] == [(8, 4), (4, 2), (2, 1)]
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_1))
+def test_paper_presets_leave_the_strong_baseline_recipe_off(name):
+    config = load_preset(name)
+    train = config.train
+    assert config.model.head in ("pcb", "rpp") and train.optimizer == "sgd"
+    assert (train.label_smoothing, train.triplet, train.warmup_epochs) == (0.0, "off", 0)
+    assert train.schedule == "step" and train.milestones == ()
+    assert (config.data.pad_crop, config.data.random_erasing) == (0, 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE_1))

@@ -34,7 +34,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     num_ids: int
     epoch: int  # completed epochs (0-based count); training resumes at this epoch
-    head: str  # "pcb" or "rpp": the head the weights belong to (an RPP run starts as PCB)
+    head: str  # "pcb", "rpp" or "global": the head the weights belong to (RPP starts as PCB)
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
@@ -155,8 +155,8 @@ def _check_payload(path: Path, payload: dict[str, Any]) -> None:
         raise _damaged(path, f"num_ids {payload['num_ids']!r} is not a positive integer")
     if not _is_int(payload["epoch"]) or payload["epoch"] < 0:
         raise _damaged(path, f"epoch {payload['epoch']!r} is not a count of epochs")
-    if payload.get("head", "pcb") not in ("pcb", "rpp"):
-        raise _damaged(path, f"head {payload['head']!r} is neither pcb nor rpp")
+    if payload.get("head", "pcb") not in ("pcb", "rpp", "global"):
+        raise _damaged(path, f"head {payload['head']!r} is none of pcb, rpp, global")
     for key in ("optimizer", "scheduler", "rng"):
         if payload.get(key) is not None and not isinstance(payload[key], dict):
             raise _damaged(path, f"{key} is not a table")

@@ -1,8 +1,11 @@
-"""Training: `fit(config)` runs PCB (and then RPP) with the paper's recipe (section 4.2, eq. 18).
+"""Training: `fit(config)` runs PCB (and then RPP) with the paper's recipe (section 4.2, eq. 18),
+or a global head with the strong baseline's (Luo et al., CVPR-W 2019).
 
 One visible loop, no callbacks: per epoch, set the learning rate, iterate the loader, write
 metrics, save `last.pt`. PCB-RPP is two named stages in `fit`: PCB epochs, then RPP
 initialised from them (the part classifier alone with everything else frozen, then all).
+The strong baseline's pieces are config keys, each off in the paper presets: label
+smoothing, the batch-hard triplet loss, Adam, linear warm-up, milestones and cosine decay.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from reidkit.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from reidkit.engine.losses import batch_hard_triplet_loss
 from reidkit.errors import ConfigError, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
 
@@ -110,13 +114,33 @@ def default_run_folder(config: RunConfig) -> Path:
 
 
 def learning_rate(config: RunConfig, epoch: int) -> float:
-    """Base rate for a 0-based epoch: x gamma every `step_size` epochs, counted across stages."""
+    """Base rate for a 0-based epoch, counted across stages.
+
+    Warm-up (epoch < W = warmup_epochs): lr x (f + (1 - f) epoch / W), f = warmup_factor, which
+    multiplies the decayed rate as the strong baseline's WarmupMultiStepLR does. Step: x gamma
+    once per milestone already reached, or every `step_size` epochs without milestones.
+    Cosine: lr x (1 + cos(pi (epoch - W) / (epochs - W))) / 2 after the warm-up.
+    """
     train = config.train
-    return train.lr * train.gamma ** (epoch // train.step_size)
+    if train.schedule == "cosine":
+        span = max(1, train.epochs - train.warmup_epochs)  # a run shorter than its warm-up
+        decay = 0.5 * (1 + math.cos(math.pi * max(0, epoch - train.warmup_epochs) / span))
+    elif train.milestones:
+        decay = train.gamma ** sum(epoch >= m for m in train.milestones)
+    else:
+        decay = train.gamma ** (epoch // train.step_size)
+    warmup = 1.0
+    if epoch < train.warmup_epochs:
+        progress = epoch / train.warmup_epochs
+        warmup = train.warmup_factor + (1 - train.warmup_factor) * progress
+    return train.lr * warmup * decay
 
 
 def stage_of(config: RunConfig, epoch: int) -> str:
-    """ "pcb", "rpp-classifier" (part classifier alone) or "rpp" (everything) for an epoch."""
+    """ "pcb", "rpp-classifier" (part classifier alone) or "rpp" (everything) for an epoch;
+    "global" throughout for a global head."""
+    if config.model.head == "global":
+        return "global"
     if config.model.head != "rpp":
         return "pcb"
     rpp_start = config.train.epochs - config.train.rpp_epochs
@@ -151,22 +175,54 @@ def _singular_landmarks(epoch: int, step: int, err: Exception) -> TrainingDiverg
     )
 
 
-def reid_loss(output: NetOutput, labels: torch.Tensor, ds_weight: float) -> dict[str, torch.Tensor]:
-    """Eq. 18: L = L_F + lambda * sum_i L_DS_i, with L_F the sum of PCB's per-part CEs."""
+LOSS_TERMS = ("loss", "loss_parts", "loss_triplet", "loss_ds")  # metrics.csv columns
+
+
+def reid_loss(
+    output: NetOutput,
+    labels: torch.Tensor,
+    ds_weight: float,
+    *,
+    label_smoothing: float = 0.0,
+    triplet: str = "off",
+    triplet_margin: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """L = L_id + L_tri + lambda * sum_i L_DS_i (eq. 18 when the triplet term is off).
+
+    L_id (`loss_parts`) is the sum of the per-part CEs (PCB's L_F; one part for a global head);
+    every CE, the deep-supervision ones too, uses `label_smoothing`. L_tri is the batch-hard
+    triplet loss on the pooled features before any reduction or BN (`part_features`, flattened:
+    BNNeck's f_t for a global head), 0 when `triplet` is "off".
+    """
     parts = output.part_logits.shape[1]
     part_loss = (
         F.cross_entropy(
             output.part_logits.flatten(0, 1).float(),  # (B*P, num_ids)
             labels.repeat_interleave(parts),  # (B*P,)
             reduction="sum",
+            label_smoothing=label_smoothing,
         )
         / labels.numel()
     )
+    zero = torch.zeros((), device=labels.device)
     aux_loss = sum(
-        (F.cross_entropy(logits.float(), labels) for logits in output.aux_logits),
-        start=torch.zeros((), device=labels.device),
+        (
+            F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            for logits in output.aux_logits
+        ),
+        start=zero,
     )
-    return {"loss": part_loss + ds_weight * aux_loss, "loss_parts": part_loss, "loss_ds": aux_loss}
+    triplet_loss = zero
+    if triplet != "off":
+        triplet_loss = batch_hard_triplet_loss(
+            output.part_features.flatten(1), labels, margin=triplet_margin, kind=triplet
+        )
+    return {
+        "loss": part_loss + triplet_loss + ds_weight * aux_loss,
+        "loss_parts": part_loss,
+        "loss_triplet": triplet_loss,
+        "loss_ds": aux_loss,
+    }
 
 
 def fit(
@@ -224,7 +280,8 @@ def _fit(
     torch.manual_seed(config.train.seed)
     if state is None:
         # An RPP run starts as PCB; its RPP stage converts the head in place.
-        model = build_model(replace(config, model=replace(config.model, head="pcb")), num_ids)
+        first_head = "pcb" if config.model.head == "rpp" else config.model.head
+        model = build_model(replace(config, model=replace(config.model, head=first_head)), num_ids)
     else:
         if state.num_ids != num_ids:
             raise ConfigError(
@@ -312,7 +369,7 @@ def _fit(
                     model=model.state_dict(),
                     num_ids=num_ids,
                     epoch=epoch + 1,
-                    head="rpp" if model.head.is_rpp else "pcb",
+                    head=model.head_kind,
                     optimizer=optimizer.state_dict(),
                     # The rate itself is a function of the epoch (learning_rate), so the
                     # schedule's state is the epoch plus the fp16 loss scaler.
@@ -343,7 +400,7 @@ def _train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the loader; returns the epoch's row of metrics.csv."""
     model.train()
-    sums = {"loss": 0.0, "loss_parts": 0.0, "loss_ds": 0.0}
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
     correct = seen = 0
     margins: dict[int, torch.Tensor] = {}  # stage -> smallest landmark margin this epoch
     net = model.module if isinstance(model, DistributedDataParallel) else model
@@ -364,7 +421,14 @@ def _train_one_epoch(
                 raise _singular_landmarks(epoch, step, err) from None
             for module_stage, margin in net.landmark_margins().items():
                 margins[module_stage] = torch.minimum(margins.get(module_stage, margin), margin)
-            losses = reid_loss(output, labels, config.attention.ds_weight)
+            losses = reid_loss(
+                output,
+                labels,
+                config.attention.ds_weight,
+                label_smoothing=config.train.label_smoothing,
+                triplet=config.train.triplet,
+                triplet_margin=config.train.triplet_margin,
+            )
             loss_value = losses["loss"].item()
             if not math.isfinite(loss_value):
                 raise _diverged(
@@ -491,7 +555,7 @@ def _epoch_progress(
 
 
 def _enter_stage(model: ReidNet, stage: str) -> None:
-    if stage == "pcb":
+    if stage in ("pcb", "global"):
         return
     if not model.head.is_rpp:
         model.convert_to_rpp()
@@ -501,11 +565,14 @@ def _enter_stage(model: ReidNet, stage: str) -> None:
         model.unfreeze_all()
 
 
-def _build_optimizer(model: ReidNet, config: RunConfig) -> torch.optim.SGD:
-    """SGD with the paper's rates per group: trunk and attention modules at their multipliers
-    of the base rate (0.1x in the paper presets), heads and deep-supervision classifiers at 1x.
+def _build_optimizer(model: ReidNet, config: RunConfig) -> torch.optim.Optimizer:
+    """SGD (the paper's) or Adam (the strong baseline's) with rates per group: trunk and
+    attention modules at their multipliers of the base rate (0.1x in the paper presets), heads
+    and deep-supervision classifiers at 1x.
 
     Each param group carries its `name` and `lr_mult`; groups without parameters are left out.
+    Parameters that never train (BNNeck's bias) are left out too, so that no optimiser, whatever
+    it does with a missing gradient, can move them.
     """
     train = config.train
     multipliers = {
@@ -513,11 +580,15 @@ def _build_optimizer(model: ReidNet, config: RunConfig) -> torch.optim.SGD:
         "attention": train.attention_lr_mult,
         "new": 1.0,
     }
-    groups = [
-        {"params": params, "name": name, "lr_mult": multipliers[name]}
-        for name, params in model.parameter_groups().items()
-        if params
-    ]
+    frozen = {id(p) for p in getattr(model.head, "frozen_parameters", list)()}
+    groups = []
+    for name, params in model.parameter_groups().items():
+        params = [p for p in params if id(p) not in frozen]
+        if params:
+            groups.append({"params": params, "name": name, "lr_mult": multipliers[name]})
+    if train.optimizer == "adam":
+        # L2 decay added to the gradient (torch's Adam), as the baseline's code, not AdamW.
+        return torch.optim.Adam(groups, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.SGD(
         groups,
         lr=train.lr,
@@ -629,8 +700,15 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
     bounds = [key for key in frame.columns if key.startswith("cond_bound_stage")]
     panels = 2 + has_eval + bool(bounds)
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
-    for key, label in (("loss", "total"), ("loss_parts", "parts (L_F)"), ("loss_ds", "deep sup.")):
-        axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
+    terms = (
+        ("loss", "total"),
+        ("loss_parts", "identity (L_F / L_id)"),
+        ("loss_triplet", "triplet"),
+        ("loss_ds", "deep sup."),
+    )
+    for key, label in terms:
+        if key in frame and (key != "loss_triplet" or frame[key].abs().sum() > 0):
+            axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
     axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
     axes[0].legend()
     axes[1].plot(frame["epoch"], frame["train_accuracy"] * 100, marker="o", markersize=3)

@@ -1,4 +1,4 @@
-"""ResNet trunk + attention after chosen stages + deep supervision + PCB/RPP head.
+"""ResNet trunk + attention after chosen stages + deep supervision + PCB/RPP or global head.
 
 The framework of Chen et al., "Compressed Self-Attention for Deep Metric Learning with
 Low-Rank Approximation" (IJCAI 2020), figure 3 and eq. 18, on PCB / PCB-RPP (Sun et al. 2018).
@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reidkit.errors import ConfigError
 from reidkit.models.attention import CSALR, build_attention
+from reidkit.models.global_head import GlobalHead
 from reidkit.models.pcb import HeadOutput, PCBHead, RefinedPartPooling
 from reidkit.models.resnet import ResNet, build_resnet, load_imagenet_weights
 
@@ -25,7 +26,11 @@ __all__ = ["NetOutput", "ReidNet", "build_model"]
 
 
 class NetOutput(NamedTuple):
-    """What ReidNet returns, in training and evaluation alike; the caller picks the field."""
+    """What ReidNet returns, in training and evaluation alike; the caller picks the field.
+
+    A global head gives P = 1: `part_features` is the pooled feature before BNNeck (what the
+    triplet loss reads), `reduced_features` the one after it (C wide, the classifier's input).
+    """
 
     part_features: Tensor  # (B, P, C) pooled parts `g` before reduction (C = 2048 for R50)
     reduced_features: Tensor  # (B, P, reduced) `h` after reduction + BN + ReLU
@@ -50,7 +55,7 @@ class ReidNet(nn.Module):
     def __init__(
         self,
         trunk: ResNet,
-        head: PCBHead,
+        head: PCBHead | GlobalHead,
         *,
         attention: Mapping[int, nn.Module] | None = None,
         deep_supervision: bool = True,
@@ -80,6 +85,13 @@ class ReidNet(nn.Module):
         self.head = head
         self.recompute = recompute
         self._frozen_for_rpp = False
+
+    @property
+    def head_kind(self) -> str:
+        """ "global", "rpp" or "pcb": the head the weights belong to (saved in checkpoints)."""
+        if isinstance(self.head, GlobalHead):
+            return "global"
+        return "rpp" if self.head.is_rpp else "pcb"
 
     @property
     def attention_stages(self) -> tuple[int, ...]:
@@ -170,9 +182,11 @@ class ReidNet(nn.Module):
         self.train(self.training)
 
     def unfreeze_all(self) -> None:
-        """Make every parameter trainable and every module follow `train()` again."""
+        """Make every parameter trainable (but a head's always-frozen ones, BNNeck's bias) and
+        every module follow `train()` again."""
+        frozen = {id(p) for p in getattr(self.head, "frozen_parameters", list)()}
         for param in self.parameters():
-            param.requires_grad_(True)
+            param.requires_grad_(id(param) not in frozen)
         self._frozen_for_rpp = False
         self.train(self.training)
 
@@ -210,14 +224,18 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
             modules[stage] = build_attention(
                 a.kind, trunk.out_channels[stage - 1], **attention_options(config)
             )
-    head = PCBHead(
-        trunk.out_channels[-1],
-        parts=m.parts,
-        reduced=m.reduced,
-        num_ids=num_ids,
-        dropout=m.dropout,
-        shared_reduction=m.shared_reduction,
-    )
+    head: PCBHead | GlobalHead
+    if m.head == "global":
+        head = GlobalHead(trunk.out_channels[-1], num_ids=num_ids)
+    else:
+        head = PCBHead(
+            trunk.out_channels[-1],
+            parts=m.parts,
+            reduced=m.reduced,
+            num_ids=num_ids,
+            dropout=m.dropout,
+            shared_reduction=m.shared_reduction,
+        )
     net = ReidNet(
         trunk,
         head,
@@ -227,8 +245,8 @@ def build_model(config: RunConfig, num_ids: int) -> ReidNet:
     )
     if m.head == "rpp":
         net.convert_to_rpp()
-    elif m.head != "pcb":
-        raise ConfigError(f"unknown model.head {m.head!r}; choose pcb or rpp")
+    elif m.head not in ("pcb", "global"):
+        raise ConfigError(f"unknown model.head {m.head!r}; choose pcb, rpp or global")
     return net
 
 

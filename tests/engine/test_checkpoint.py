@@ -176,7 +176,7 @@ def edited_payload(path: Path, **changes) -> Path:
         ({"num_ids": "many"}, "num_ids 'many' is not a positive integer"),
         ({"num_ids": 0}, "num_ids 0 is not a positive integer"),
         ({"epoch": 2.5}, "epoch 2.5 is not a count"),
-        ({"head": "svm"}, "head 'svm' is neither pcb nor rpp"),
+        ({"head": "svm"}, "head 'svm' is none of pcb, rpp, global"),
         ({"optimizer": [1]}, "optimizer is not a table"),
         ({"history": 5}, "history is not a list"),
     ],

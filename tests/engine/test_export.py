@@ -61,6 +61,17 @@ MODELS = {
     "pcb-csa": ("attention.kind=csa",),
     "pcb-csalr-c1": ("attention.kind=csalr", "attention.landmark_weight=1"),
     "pcb-csalr-c2": ("attention.kind=csalr", "attention.landmark_weight=2"),
+    # the strong baseline's global head with BNNeck (bot-csalr's recipe), after-BN feature
+    "global-csalr": (
+        "model.head=global",
+        "eval.feature=h",
+        "data.sampler=identity",
+        "data.instances=4",
+        "train.triplet=hard",
+        "train.label_smoothing=0.1",
+        "attention.kind=csalr",
+        "attention.landmark_weight=2",
+    ),
 }
 
 

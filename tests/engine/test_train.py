@@ -98,9 +98,9 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good(
     calls = {"n": 0}
     steps_per_epoch = 48 // 8
 
-    def poisoned(output: NetOutput, labels, ds_weight):
+    def poisoned(output: NetOutput, labels, ds_weight, **options):
         calls["n"] += 1
-        losses = real_loss(output, labels, ds_weight)
+        losses = real_loss(output, labels, ds_weight, **options)
         if calls["n"] == steps_per_epoch + 3:  # epoch 2, step 3
             losses["loss"] = losses["loss"] * float("nan")
         return losses
