@@ -26,8 +26,10 @@ weights can be had offline) at 128x64, last stride 1 (stage maps 32x16, 16x8, 8x
 stripes pool the 8-row final map adaptively). CSALR's 4x4 landmark grid pools 8x4, 4x2 and
 2x1 patches there, the patches of the paper's 12x8 grid at 384x128, with landmark weight 2
 (from scratch the paper's 1 turns A_mm singular). Batch 64 for all. Every layer is new, so the
-trunk and the modules train at the full rate (multipliers 1). The bot recipe's 10-pixel pad
-at 256x128 becomes 5 pixels at half the size.
+trunk and the modules train at the full rate (multipliers 1), with the global gradient norm
+clipped at 10 (as the smoke preset: from scratch, SGD at 0.1 meets rare spikes that would
+end a run). The bot recipe's 10-pixel pad at 256x128 becomes 5 pixels at half the size. It
+trains on the CPU (torch's threads: all cores unless OMP_NUM_THREADS says otherwise).
 
 The schedule is each recipe's own, compressed into the budget: after t of T minutes the rate
 is the one its preset gives at epoch t/T x epochs (100 or 120). So the bot warm-up takes the
@@ -66,6 +68,7 @@ COMMON = (
     "train.batch_size=64",
     "train.trunk_lr_mult=1.0",
     "train.attention_lr_mult=1.0",
+    "train.grad_clip=10",
     "eval.batch_size=128",
     "data.workers=2",  # loader processes beside the training process; --set data.workers=N
 )

@@ -139,3 +139,30 @@ def test_evaluate_on_an_unprepared_dataset_says_to_prepare(tiny_checkpoint, tmp_
 def test_bad_option_values_are_usage_errors(tiny_checkpoint):
     one_line_error(invoke("evaluate", tiny_checkpoint, "--ap-mode", "mean"), "--ap-mode", 2)
     one_line_error(invoke("extract", tiny_checkpoint, "--split", "test"), "--split", 2)
+
+
+def test_bot_csalr_preset_trains_evaluates_and_extracts_through_the_cli(
+    tiny_overrides, tmp_path: Path
+):
+    # the tiny set's overrides (ResNet-18 at 96x32, whose 24x8 / 12x4 / 6x2 maps the preset's
+    # 8x8 grid does not divide; their 3x2 does), with P x K = 2 x 4 batches
+    run = tmp_path / "run"
+    sets = [*tiny_overrides, "train.epochs=1", "data.instances=4", "train.warmup_epochs=0"]
+    settings = [arg for item in sets for arg in ("--set", item)]
+    trained = invoke("train", "--preset", "bot-csalr", "--out", run, *settings)
+    assert trained.exit_code == 0, trained.output
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert "loss_triplet" in metrics[0].split(",") and metrics[1].split(",")[1] == "global"
+    evaluated = invoke("evaluate", run / "last.pt", "--json", tmp_path / "eval.json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "eval.json").read_text())["feature"] == "h"
+    extracted = invoke("extract", run / "last.pt", "--dataset", "tiny", "--out", tmp_path / "index")
+    assert extracted.exit_code == 0, extracted.output
+    features = np_load(tmp_path / "index" / "features.npy")
+    assert features.shape[1] == 512  # ResNet-18's one global feature, after BNNeck
+
+
+def np_load(path: Path):
+    import numpy as np
+
+    return np.load(path)

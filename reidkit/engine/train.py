@@ -689,6 +689,22 @@ def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
     save_curves(frame, files.curves)
 
 
+def plotted_loss_terms(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, legend label) of each loss term curves.png draws: all of L = L_id + L_tri +
+    lambda sum L_DS that the run has, the triplet term only when it was on (never all 0)."""
+    terms = (
+        ("loss", "total"),
+        ("loss_parts", "identity (L_F / L_id)"),
+        ("loss_triplet", "triplet"),
+        ("loss_ds", "deep sup."),
+    )
+    return [
+        (key, label)
+        for key, label in terms
+        if key in frame and (key != "loss_triplet" or bool(frame[key].abs().sum() > 0))
+    ]
+
+
 def save_curves(frame: pd.DataFrame, path: Path) -> None:
     """curves.png: the loss terms per epoch, train accuracy, and rank-1/mAP where evaluated."""
     import matplotlib
@@ -700,15 +716,8 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
     bounds = [key for key in frame.columns if key.startswith("cond_bound_stage")]
     panels = 2 + has_eval + bool(bounds)
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
-    terms = (
-        ("loss", "total"),
-        ("loss_parts", "identity (L_F / L_id)"),
-        ("loss_triplet", "triplet"),
-        ("loss_ds", "deep sup."),
-    )
-    for key, label in terms:
-        if key in frame and (key != "loss_triplet" or frame[key].abs().sum() > 0):
-            axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
+    for key, label in plotted_loss_terms(frame):
+        axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
     axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
     axes[0].legend()
     axes[1].plot(frame["epoch"], frame["train_accuracy"] * 100, marker="o", markersize=3)

@@ -102,6 +102,24 @@ def test_random_erasing_blanks_one_rectangle_with_the_mean():
         assert 0.02 * 64 * 32 * 0.5 <= int(box) <= 0.4 * 64 * 32 * 1.2
 
 
+def test_random_erasing_draws_the_published_area_and_uniform_aspect_ratio():
+    # Zhong et al.: area S_e ~ U(0.02, 0.4) S, aspect r_e = h / w ~ U(0.3, 1 / 0.3). A uniform
+    # aspect puts (3.33 - 1) / (3.33 - 0.3) = 77% of draws above 1 (a log-uniform one 50%);
+    # the 256x128 image refuses more wide boxes than tall ones, which raises it a little.
+    white = Image.new("RGB", (128, 256), (255, 255, 255))
+    transform = build_transform(256, 128, train=True, flip=0.0, random_erasing=1.0)
+    torch.manual_seed(1)
+    tall, areas = 0, []
+    for _ in range(300):
+        erased = (transform(white) == 0).all(0)
+        rows, cols = erased.any(1).sum().item(), erased.any(0).sum().item()
+        tall += rows > cols
+        areas.append(erased.sum().item() / (256 * 128))
+    assert 0.72 < tall / 300 < 0.9
+    assert 0.015 < min(areas) and max(areas) < 0.42
+    assert sum(areas) / 300 == pytest.approx(0.21, abs=0.03)  # the mean of U(0.02, 0.4)
+
+
 @pytest.mark.parametrize("options", [{"flip": 1.5}, {"random_erasing": -0.1}, {"pad_crop": -1}])
 def test_bad_augmentation_options_are_config_errors(options):
     with pytest.raises(ConfigError, match="data."):

@@ -52,8 +52,19 @@ def learned_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         # PCB -> RPP with the interruption exactly at the stage boundary: the part classifier
         # must be initialised and the optimiser rebuilt as in the uninterrupted run.
         ("train.epochs=4", "model.head=rpp", "train.rpp_epochs=2", "train.rpp_classifier_epochs=1"),
+        # the strong baseline: Adam's moments and the warm-up must resume exactly too
+        (
+            "train.epochs=4",
+            "model.head=global",
+            "data.sampler=identity",
+            "data.instances=4",
+            "train.triplet=hard",
+            "train.label_smoothing=0.1",
+            "train.optimizer=adam",
+            "train.warmup_epochs=3",
+        ),
     ],
-    ids=["pcb", "pcb-rpp"],
+    ids=["pcb", "pcb-rpp", "global-adam"],
 )
 def test_resume_after_interruption_matches_an_uninterrupted_run(
     tiny_config, tmp_path: Path, overrides

@@ -149,6 +149,11 @@ def test_every_recipe_key_reaches_the_training_loop(tiny_config, tmp_path: Path,
     total = metrics["loss_parts"] + metrics["loss_triplet"] + metrics["loss_ds"]
     assert (metrics["loss"] - total).abs().max() < 1e-4  # L = L_id + L_tri + lambda sum L_DS
     assert list(metrics["stage"]) == ["global", "global"]
+    drawn = [key for key, _ in train_module.plotted_loss_terms(metrics)]
+    assert drawn == ["loss", "loss_parts", "loss_triplet", "loss_ds"]
+    assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")
+    without = metrics.assign(loss_triplet=0.0)  # a run with the triplet loss off
+    assert "loss_triplet" not in [key for key, _ in train_module.plotted_loss_terms(without)]
 
 
 # 16 training identities x 2 cameras x 4 images = 128 training images; 12 test identities
