@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from reidkit.errors import ReidkitError
+from reidkit.outputs import OS_ERROR_HINTS, check_writable, write_text, writing
 
 app = typer.Typer(
     help="Person re-identification: prepare benchmarks, train PCB/RPP + CSALR, evaluate, search.",
@@ -25,18 +22,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-
-
-# What to do about an operating-system error, by its errno; the path itself is named first.
-OS_ERROR_HINTS = {
-    errno.EACCES: "check its permissions or choose another path",
-    errno.EPERM: "check its permissions or choose another path",
-    errno.EROFS: "the file system is read-only; choose another path",
-    errno.ENOENT: "check the path",
-    errno.EISDIR: "give a file path, not a folder",
-    errno.ENOTDIR: "part of the path is a file, not a folder",
-    errno.ENOSPC: "free some disk space",
-}
 
 
 def describe(err: BaseException) -> str:
@@ -55,41 +40,9 @@ def fail(err: BaseException, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-@contextmanager
-def writing(option: str, path: Path) -> Iterator[None]:
-    """Name the option and its path when writing an output file fails."""
-    try:
-        yield
-    except OSError as err:
-        reason = err.strerror or str(err)
-        hint = OS_ERROR_HINTS.get(err.errno, "choose another path")
-        raise ReidkitError(f"cannot write {option} {path}: {reason}; {hint}") from None
-
-
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file beside `path`, renamed into place; none is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def check_output(option: str, path: Path) -> None:
-    """Refuse an output path that cannot be written, before any long computation."""
-    if path.is_dir():
-        raise ReidkitError(f"{option} {path} is a folder; give a file path")
-    existing = next(p for p in path.parents if p.exists())  # the filesystem root exists
-    if not existing.is_dir():
-        raise ReidkitError(f"cannot write {option} {path}: {existing} is a file, not a folder")
-    with writing(option, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise ReidkitError(
-            f"cannot write {option} {path}: {path.parent} is not writable; choose another path"
-        )
+    """Write JSON by rename (reidkit.outputs), so no partial file is ever at `path`."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 @app.command()
@@ -312,7 +265,7 @@ def evaluate(
     try:
         for option, path in (("--json", json_out), ("--cmc-plot", cmc_plot)):
             if path is not None:
-                check_output(option, path)
+                check_writable(option, path)
         report = run_evaluation(
             checkpoint,
             dataset,
@@ -419,7 +372,7 @@ def search(
     from reidkit.engine.search import save_results_montage, search_index
 
     try:
-        check_output("--save", save)
+        check_writable("--save", save)
         results = search_index(queries, index, top=top)
         with writing("--save", save):
             montage = save_results_montage(results, save)
@@ -439,6 +392,7 @@ def demo(
     from reidkit.engine.demo import run_demo
 
     try:
+        check_writable("--out", out, folder=True)
         result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
     except (ReidkitError, OSError) as err:
         raise fail(err) from None

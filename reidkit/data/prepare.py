@@ -61,6 +61,7 @@ from reidkit.data.datasets import (
 )
 from reidkit.data.synthetic import SyntheticSpec, generate_synthetic
 from reidkit.errors import DatasetError
+from reidkit.outputs import write_text
 
 RECORD_NAME = "dataset.json"
 CUSTOM_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -864,21 +865,10 @@ def _write(
     ]
     out = frame.assign(path=paths)[list(MANIFEST_COLUMNS)]
     full_record = {**record, "verified": verified, "notes": notes, "reidkit": __version__}
-    _write_atomic(folder / RECORD_NAME, json.dumps(full_record, indent=2) + "\n")
+    write_text(folder / RECORD_NAME, json.dumps(full_record, indent=2) + "\n")
     manifest = folder / MANIFEST_NAME
-    _write_atomic(manifest, out.to_csv(index=False, lineterminator="\n"))
+    write_text(manifest, out.to_csv(index=False, lineterminator="\n"))
     return manifest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # a plain open (not mkstemp) so the file gets the usual umask permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- folders and records

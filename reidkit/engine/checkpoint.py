@@ -6,7 +6,6 @@ reads it without unpickling arbitrary objects: a checkpoint from someone else is
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import zipfile
@@ -21,6 +20,7 @@ from reidkit import __version__
 from reidkit.config import RunConfig, config_from_dict, config_to_dict
 from reidkit.errors import CheckpointError, ConfigError
 from reidkit.models.net import ReidNet, build_model
+from reidkit.outputs import atomic_write
 
 FORMAT = "reidkit-checkpoint"
 FORMAT_VERSION = 1
@@ -62,17 +62,9 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "rng": checkpoint.rng,
         "history": checkpoint.history,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, durable=True) as temporary:
         with open(temporary, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

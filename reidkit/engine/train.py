@@ -50,6 +50,7 @@ from reidkit.engine.checkpoint import (
 )
 from reidkit.errors import ConfigError, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
+from reidkit.outputs import atomic_write, check_writable, write_text
 
 # Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation.
 RESUMABLE_CHANGES = {
@@ -203,6 +204,7 @@ def _fit(
     stop_after: int | None,
 ) -> Path:
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
+    check_writable("--out", files.folder, folder=True)
     device = _device(place)
     manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
     data = config.data
@@ -238,7 +240,7 @@ def _fit(
 
     if place.is_main:
         files.folder.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
+        write_text(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
 
     amp_dtype = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -611,9 +613,8 @@ def _evaluate_during_training(
 
 def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
     frame = pd.DataFrame(history)
-    temporary = files.metrics.with_name(f".{files.metrics.name}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, files.metrics)
+    with atomic_write(files.metrics) as temporary:
+        frame.to_csv(temporary, index=False)
     save_curves(frame, files.curves)
 
 
@@ -651,16 +652,11 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    os.replace(temporary, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        with atomic_write(path) as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _toml_safe(value):

@@ -108,9 +108,9 @@ def test_process_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path: P
     assert child.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 30
     # wait until the temporary file is being written, then kill the writer
-    while not list(tmp_path.glob(".last.pt.tmp-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".last.pt.reidkit-tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert list(tmp_path.glob(".last.pt.tmp-*")), "the child never started writing"
+    assert list(tmp_path.glob(".last.pt.reidkit-tmp-*")), "the child never started writing"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL
