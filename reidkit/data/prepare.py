@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -180,10 +180,35 @@ def _prepare_official(
         note = f"{folder} is already prepared, so --source was not read"
         return replace(result, warnings=(*result.warnings, note))
     warnings = _leftovers(folder)
-    base, source = _locate(spec, layout, folder, source, progress, warnings)
-    frame, junk = _scan_layout(base, spec.extensions)
-    verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
-    _check_images(frame["path"], full=check_images, progress=progress)
+    base, source = _locate(spec, layout, folder, source, warnings)
+    if base is not None:
+        frame, junk = _scan_layout(base, spec.extensions)
+        verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
+        _check_images(frame["path"], full=check_images, progress=progress)
+    else:
+        # An archive is extracted, read, verified and checked in a staging folder and moved
+        # into ROOT/NAME only then: a count mismatch or a bad image leaves nothing in ROOT.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging(folder)
+        try:
+            links = extract_archive(source, staging, progress=progress)
+            if links:
+                warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+            base = _find_layout(staging, spec, layout, str(source))
+            frame, junk = _scan_layout(base, spec.extensions)
+            verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
+            staged = os.path.join(staging, "")
+            _check_images(
+                frame["path"],
+                full=check_images,
+                progress=progress,
+                shown_as=lambda p: f"{source.name}: entry {p[len(staged) :]}",
+            )
+            _move_into(staging, folder, spec.title)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        old, new = os.path.join(staging, ""), os.path.join(folder, "")
+        frame["path"] = [new + p[len(old) :] for p in frame["path"]]
     record = {"dataset": spec.name, "variant": variant, "source": str(source), "junk": junk}
     manifest = _write(folder, frame, record, verified=verified, notes=[])
     return PreparedDataset(
@@ -287,10 +312,10 @@ def _locate(
     layout: VariantSpec,
     folder: Path,
     source: Path | None,
-    progress: bool,
     warnings: list[str],
-) -> tuple[Path, Path]:
-    """(folder holding the split folders, the source it came from), extracting if needed."""
+) -> tuple[Path | None, Path]:
+    """(folder holding the split folders, the source it came from); (None, archive) when the
+    source is an archive still to be extracted."""
     if source is not None and source.is_dir():
         return _find_layout(source, spec, layout, str(source)), source
     if source is not None and not source.exists():
@@ -313,10 +338,7 @@ def _locate(
         archives = [root / n for n in spec.archive_names if (root / n).is_file()]
         source = archives[0] if archives else None
     if source is not None:
-        base, links = _extract_official(source, folder, spec, layout, progress)
-        if links:
-            warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
-        return base, source
+        return None, source
     missing = "" if root.is_dir() else " (which does not exist)"
     raise DatasetError(
         f"no {spec.title} in {root}{missing}: place {spec.archive} (or its extracted folder "
@@ -339,34 +361,6 @@ def _find_layout(base: Path, spec: DatasetSpec, layout: VariantSpec, label: str)
         f"{label} does not hold {spec.title}: expected {inside}/bounding_box_train/, query/ and "
         "bounding_box_test/ inside it"
     )
-
-
-def _extract_official(
-    archive: Path, folder: Path, spec: DatasetSpec, layout: VariantSpec, progress: bool
-) -> tuple[Path, int]:
-    """Extract `archive` into ROOT/NAME through a staging folder.
-
-    Returns the folder holding the split folders and the number of links skipped.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(folder)
-    try:
-        links = extract_archive(archive, staging, progress=progress)
-        base = _find_layout(staging, spec, layout, str(archive))
-        relative = base.relative_to(staging)
-        entries = sorted(staging.iterdir())
-        folder.mkdir(exist_ok=True)
-        for entry in entries:
-            if (folder / entry.name).exists():
-                raise DatasetError(
-                    f"{folder / entry.name} already exists but is not a complete "
-                    f"{spec.title}; remove it and prepare again"
-                )
-        for entry in entries:
-            os.replace(entry, folder / entry.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder / relative, links
 
 
 # ---------------------------------------------------------------- datasets given by list files
@@ -823,8 +817,15 @@ def _verify_counts(
     return False
 
 
-def _check_images(paths: Iterable[str], *, full: bool, progress: bool) -> None:
-    """Open every image (header) or decode it fully; the first bad one fails with its path."""
+def _check_images(
+    paths: Iterable[str],
+    *,
+    full: bool,
+    progress: bool,
+    shown_as: Callable[[str], str] = str,
+) -> None:
+    """Open every image (header) or decode it fully; the first bad one fails with its path
+    (as `shown_as` writes it: an image in a staging folder is named by its archive entry)."""
     paths = list(paths)
     what = "decoding" if full else "checking"
     for path in _steps(paths, f"{what} {len(paths):,} images", progress):
@@ -835,10 +836,13 @@ def _check_images(paths: Iterable[str], *, full: bool, progress: bool) -> None:
                 width, height = image.size
         except Exception as err:  # PIL reports bad data with many exception types
             raise DatasetError(
-                f"{path} is not a readable image ({err}); replace or remove it and prepare again"
+                f"{shown_as(path)} is not a readable image ({err}); replace or remove it and "
+                "prepare again"
             ) from None
         if width < 1 or height < 1:
-            raise DatasetError(f"{path} has no pixels; replace or remove it and prepare again")
+            raise DatasetError(
+                f"{shown_as(path)} has no pixels; replace or remove it and prepare again"
+            )
 
 
 def _summarise(frame: pd.DataFrame) -> tuple[SplitSummary, ...]:

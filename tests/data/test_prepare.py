@@ -55,7 +55,7 @@ def test_junk_is_dropped_distractors_kept_and_non_images_ignored(market_zip):
     assert record["junk"] == 1 and record["dataset"] == "market1501"
 
 
-def test_count_mismatch_writes_no_manifest_and_rerun_reuses_the_extraction(market_zip):
+def test_count_mismatch_from_an_archive_leaves_nothing_in_root(market_zip):
     with pytest.raises(CountMismatchError) as err:
         prepare("market1501", market_zip)
     rows = {what: (published, found) for what, published, found in err.value.rows}
@@ -63,11 +63,19 @@ def test_count_mismatch_writes_no_manifest_and_rerun_reuses_the_extraction(marke
     assert rows["query identities"] == (750, 2)
     assert rows["gallery images"] == (15_913, 3)
     assert "--allow-mismatch" in str(err.value)
-    assert not (market_zip / "market1501" / "manifest.csv").exists()
-    (market_zip / f"{MARKET}.zip").unlink()  # the second run must not need the archive
+    assert sorted(p.name for p in market_zip.iterdir()) == [f"{MARKET}.zip"]  # nothing else
     result = prepare("market1501", market_zip, allow_mismatch=True)
     assert not result.verified and not result.reused
     assert any("accepted (--allow-mismatch)" in w for w in result.warnings)
+
+
+def test_an_extraction_left_by_an_older_reidkit_is_reused(market_zip):
+    # earlier versions moved the extracted folder into ROOT/NAME before verifying
+    prepare("market1501", market_zip, allow_mismatch=True)
+    (market_zip / "market1501" / "manifest.csv").unlink()
+    (market_zip / f"{MARKET}.zip").unlink()  # the second run must not need the archive
+    result = prepare("market1501", market_zip, allow_mismatch=True)
+    assert not result.verified and not result.reused
 
 
 def test_folder_source_is_not_copied_and_paths_are_absolute(tmp_path, helpers):
@@ -124,8 +132,8 @@ def test_corrupt_image_fails_with_its_path_and_no_manifest(tmp_path, helpers):
     root = tmp_path / "root"
     with pytest.raises(DatasetError) as err:
         prepare("market", root, source=archive, allow_mismatch=True)
-    assert str(root / "market1501" / bad) in str(err.value)
-    assert not (root / "market1501" / "manifest.csv").exists()
+    assert f"m.tar.gz: entry {bad} is not a readable image" in str(err.value)
+    assert not root.exists() or list(root.iterdir()) == []  # nothing extracted is left
 
 
 def test_truncated_image_passes_the_header_check_but_not_the_full_decode(tmp_path, helpers):
