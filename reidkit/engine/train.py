@@ -50,7 +50,7 @@ from reidkit.engine.checkpoint import (
 )
 from reidkit.errors import ConfigError, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
-from reidkit.outputs import atomic_write, check_writable, write_text
+from reidkit.outputs import atomic_write, check_writable, remove_stale_temporaries, write_text
 
 # Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation.
 RESUMABLE_CHANGES = {
@@ -205,6 +205,8 @@ def _fit(
 ) -> Path:
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
     check_writable("--out", files.folder, folder=True)
+    if place.is_main:
+        _remove_stale_temporaries(files.folder)
     device = _device(place)
     manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
     data = config.data
@@ -609,6 +611,20 @@ def _evaluate_during_training(
 
     report = evaluate_model(model, config, device=device, progress=False)
     return {"rank1": float(report.metrics.cmc[0]), "mAP": float(report.metrics.mAP)}
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """A run killed mid-write (kill -9, power cut) leaves its temporary file, as large as a
+    checkpoint; remove reidkit's own of the run folder and say so in one line."""
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        Console(stderr=True).print(
+            f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted "
+            f"run: {names}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
