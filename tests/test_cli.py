@@ -127,7 +127,7 @@ def test_train_evaluate_extract_search_round_trip(tiny_overrides, tiny_root, tmp
 def test_evaluate_refuses_a_checkpoint_of_the_wrong_kind(tmp_path: Path):
     weights = tmp_path / "resnet50.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
-    one_line_error(invoke("evaluate", weights), "is not a reidkit checkpoint")
+    one_line_error(invoke("evaluate", weights), "is a PyTorch file but not a reidkit checkpoint")
     one_line_error(invoke("evaluate", tmp_path / "missing.pt"), "does not exist")
 
 

@@ -137,7 +137,7 @@ def test_pickled_object_is_refused_without_running_it(tmp_path: Path):
 def test_plain_state_dict_is_not_a_reidkit_checkpoint(tmp_path: Path):
     path = tmp_path / "weights.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(CheckpointError, match="is not a reidkit checkpoint"):
+    with pytest.raises(CheckpointError, match="is a PyTorch file but not a reidkit checkpoint"):
         load_checkpoint(path)
 
 
@@ -146,7 +146,7 @@ def test_truncated_file_is_reported(tmp_path: Path):
     save_checkpoint(path, small_checkpoint())
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
+    with pytest.raises(CheckpointError, match="is truncated or damaged"):
         load_checkpoint(path)
 
 
