@@ -84,8 +84,15 @@ def prepare(
     allow_mismatch: Annotated[
         bool, typer.Option(help="accept counts that differ from the published ones")
     ] = False,
+    quick_check: Annotated[
+        bool,
+        typer.Option(
+            help="read only each image's header (fast; a truncated image passes); "
+            "default: decode every image fully"
+        ),
+    ] = False,
     check_images: Annotated[
-        bool, typer.Option(help="fully decode every image (default: header check)")
+        bool, typer.Option(help="decode every image again, also of an already prepared dataset")
     ] = False,
     seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 0,
     train_ids: Annotated[int, typer.Option(help="synthetic: training identities")] = 60,
@@ -109,6 +116,7 @@ def prepare(
             variant=variant,
             allow_mismatch=allow_mismatch,
             check_images=check_images,
+            quick_check=quick_check,
             synthetic=synthetic,
         )
     except CountMismatchError as err:

@@ -116,7 +116,7 @@ def test_rerun_reuses_the_manifest_without_reading_images(market_zip):
     again = prepare("market", market_zip, allow_mismatch=True)
     assert again.reused and again.splits == first.splits and again.manifest == first.manifest
     with pytest.raises(DatasetError, match=str(image)):
-        prepare("market", market_zip, allow_mismatch=True, check_images=True)
+        prepare("market", market_zip, allow_mismatch=True, check_images=True)  # decode again
     with pytest.raises(CountMismatchError):  # reuse still verifies the counts
         prepare("market", market_zip)
     image.unlink()
@@ -136,16 +136,41 @@ def test_corrupt_image_fails_with_its_path_and_no_manifest(tmp_path, helpers):
     assert not root.exists() or list(root.iterdir()) == []  # nothing extracted is left
 
 
-def test_truncated_image_passes_the_header_check_but_not_the_full_decode(tmp_path, helpers):
+def jpeg_cut_to(fraction: float) -> bytes:
     noise = np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    return data[: int(len(data) * fraction)]
+
+
+def test_a_jpeg_cut_to_60_percent_is_refused_by_default_and_passes_the_quick_check(
+    tmp_path, helpers
+):
     entries = helpers.small_market()
-    entries[f"{MARKET}/query/0003_c1s1_000101_00.jpg"] = buffer.getvalue()[:2000]
+    entries[f"{MARKET}/query/0003_c1s1_000101_00.jpg"] = jpeg_cut_to(0.6)
     source = helpers.write_tree(tmp_path / "src", entries)
-    assert prepare("market", tmp_path / "a", source=source, allow_mismatch=True).manifest.exists()
     with pytest.raises(DatasetError, match="0003_c1s1_000101_00.jpg is not a readable image"):
-        prepare("market", tmp_path / "b", source=source, allow_mismatch=True, check_images=True)
+        prepare("market", tmp_path / "a", source=source, allow_mismatch=True)
+    assert not (tmp_path / "a" / "market1501" / "manifest.csv").exists()
+    quick = prepare("market", tmp_path / "b", source=source, allow_mismatch=True, quick_check=True)
+    assert quick.manifest.exists()
+
+
+def test_the_parallel_check_names_the_first_bad_image_in_manifest_order(tmp_path, monkeypatch):
+    from reidkit.data import prepare as prepare_module
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (8, 16)).save(good)
+    paths = [str(good)] * 300
+    for index in (250, 120, 199):  # found in any order by the threads
+        bad = tmp_path / f"bad{index}.jpg"
+        bad.write_bytes(jpeg_cut_to(0.6))
+        paths[index] = str(bad)
+    monkeypatch.setattr(prepare_module, "CHECK_THREADS", 4)
+    with pytest.raises(DatasetError, match=r"bad120\.jpg is not a readable image"):
+        prepare_module._check_images(paths, full=True, progress=False)
+    prepare_module._check_images(paths, full=False, progress=False)  # headers are intact
 
 
 def unsafe_cases():
