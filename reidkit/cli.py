@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reidkit.errors import ReidkitError
+from reidkit.errors import Interrupted, ReidkitError
 from reidkit.outputs import OS_ERROR_HINTS, check_writable, write_text, writing
 
 app = typer.Typer(
@@ -38,6 +39,17 @@ def fail(err: BaseException, code: int = 1) -> typer.Exit:
     """One red line on stderr, no traceback; the caller raises what this returns."""
     err_console.print(f"[red]error:[/] {escape(describe(err))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def interrupted(message: str) -> typer.Exit:
+    """Ctrl-C: one line saying what was kept, cleaned up and how to go on; exit code 130."""
+    err_console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
+def command_line(*words: object) -> str:
+    """A command the user can paste: words joined, each quoted where the shell needs it."""
+    return shlex.join(str(w) for w in words)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -130,6 +142,22 @@ def prepare(
         raise fail(err) from None
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except KeyboardInterrupt:
+        again = ["reidkit", "prepare", dataset, root]
+        for option, value, default in (
+            ("--source", source, None),
+            ("--name", name, None),
+            ("--variant", variant, "detected"),
+        ):
+            if value != default:
+                again += [option, value]
+        again += [flag for flag, on in (("--allow-mismatch", allow_mismatch),
+                                        ("--quick-check", quick_check)) if on]  # fmt: skip
+        raise interrupted(
+            f"interrupted: no manifest was written, so nothing under {root} is a prepared "
+            "dataset from this run; its temporary extraction was removed; run again with: "
+            f"{command_line(*again)}"
+        ) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     table = Table(title=f"{result.name}: {result.manifest}")
@@ -183,6 +211,13 @@ def train(
         checkpoint = fit(config, out, resume=resume)
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except Interrupted as err:
+        raise interrupted(str(err)) from None
+    except KeyboardInterrupt:  # before the first epoch began: nothing was trained
+        raise interrupted(
+            "interrupted before training began: no checkpoint was written; run the same "
+            "command again"
+        ) from None
     if is_main_process():
         console.print(f"checkpoint: {checkpoint}")
         console.print(
@@ -347,6 +382,24 @@ def extract(
         )
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except KeyboardInterrupt:
+        target = out or DEFAULT_INDEX
+        again = ["reidkit", "extract", checkpoint]
+        if images is not None:
+            again += ["--images", images]
+        else:
+            again += ["--dataset", dataset, "--split", split]
+        again += ["--out", target]
+        for option, value in (("--data-root", data_root), ("--index", index),
+                              ("--feature", feature)):  # fmt: skip
+            if value is not None:
+                again += [option, value]
+        if flip is not None:
+            again.append("--flip" if flip else "--no-flip")
+        raise interrupted(
+            f"interrupted: {target} was not written (an index already there is unchanged) and "
+            f"its temporary folder was removed; run again with: {command_line(*again)}"
+        ) from None
     console.print(f"index: {folder} (index.faiss, features.npy, meta.csv, info.json)")
 
 

@@ -48,7 +48,7 @@ from reidkit.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from reidkit.errors import ConfigError, ReidkitError
+from reidkit.errors import ConfigError, Interrupted, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
 from reidkit.outputs import atomic_write, check_writable, remove_stale_temporaries, write_text
 
@@ -137,6 +137,24 @@ def _diverged(problem: str, epoch: int, fix: str) -> TrainingDiverged:
         saved = f"last.pt keeps epoch {epoch}, the last completed one"
         again = "start a new run (another --out)"
     return TrainingDiverged(f"{problem}; {saved}; {again} with {fix}")
+
+
+def _interrupted(files: RunFiles, completed: int, epoch: int) -> Interrupted:
+    """The one line for Ctrl-C: what last.pt keeps, what was dropped, the command to resume."""
+    # atomic_write removes its temporary on an interrupt, so no partial file is left
+    if completed > epoch:  # stopped while writing metrics.csv after the checkpoint
+        dropped = "nothing was lost"
+    else:
+        dropped = f"epoch {epoch + 1} was cut short and dropped, with no partial file left"
+    if completed == 0 or not files.checkpoint.exists():
+        return Interrupted(
+            f"interrupted in epoch {epoch + 1}: no epoch completed, so no checkpoint was saved; "
+            f"{dropped}; start again with the same command"
+        )
+    return Interrupted(
+        f"interrupted in epoch {epoch + 1}: {files.checkpoint} keeps epoch {completed}, the last "
+        f"complete one; {dropped}; resume with: reidkit train --out {files.folder} --resume"
+    )
 
 
 def _singular_landmarks(epoch: int, step: int, err: Exception) -> TrainingDiverged:
@@ -263,71 +281,79 @@ def _fit(
         if stop_after is None
         else min(config.train.epochs, start_epoch + stop_after)
     )
-    for epoch in range(start_epoch, end_epoch):
-        # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
-        # classifier's initialisation) follows from (seed, epoch): a resumed run replays it.
-        torch.manual_seed(epoch_seed(config.train.seed, epoch, place.rank))
-        stage = stage_of(config, epoch)
-        if stage != current_stage:
-            # Parameter sets change between stages (new part classifier, frozen trunk), so
-            # the optimiser and the DDP wrapper are rebuilt; momentum starts afresh.
-            _enter_stage(model, stage)
-            optimizer = _build_optimizer(model, config)
-            if state is not None and epoch == start_epoch and stage == saved_stage:
-                optimizer.load_state_dict(state.optimizer)
-            train_model = _wrap(model, place, device)
-            current_stage = stage
-        _set_learning_rate(optimizer, config, epoch)
-        loader = build_loader(
-            train_set,
-            "train",
-            config.data,
-            train=True,
-            batch_size=config.train.batch_size // place.world_size,
-            seed=config.train.seed,
-            epoch=epoch,
-            num_replicas=place.world_size,
-            rank=place.rank,
-            pin_memory=device.type == "cuda",
-        )
-        row = _train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            scaler,
-            config,
-            epoch=epoch,
-            stage=stage,
-            device=device,
-            amp_dtype=amp_dtype,
-            place=place,
-            progress=progress and place.is_main,
-        )
-        if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
-            row.update(_evaluate_during_training(model, config, device, place))
-        history.append(row)
-        if place.is_main and not warned_condition:
-            warned_condition = _warn_if_ill_conditioned(row, config)
-        if place.is_main:
-            save_checkpoint(
-                files.checkpoint,
-                Checkpoint(
-                    config=config,
-                    model=model.state_dict(),
-                    num_ids=num_ids,
-                    epoch=epoch + 1,
-                    head="rpp" if model.head.is_rpp else "pcb",
-                    optimizer=optimizer.state_dict(),
-                    # The rate itself is a function of the epoch (learning_rate), so the
-                    # schedule's state is the epoch plus the fp16 loss scaler.
-                    scheduler={"epoch": epoch + 1, "scaler": scaler.state_dict()},
-                    rng=capture_rng(),
-                    history=history,
-                ),
+    completed = start_epoch  # epochs that last.pt holds
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
+            # classifier's initialisation) follows from (seed, epoch): a resumed run replays it.
+            torch.manual_seed(epoch_seed(config.train.seed, epoch, place.rank))
+            stage = stage_of(config, epoch)
+            if stage != current_stage:
+                # Parameter sets change between stages (new part classifier, frozen trunk), so
+                # the optimiser and the DDP wrapper are rebuilt; momentum starts afresh.
+                _enter_stage(model, stage)
+                optimizer = _build_optimizer(model, config)
+                if state is not None and epoch == start_epoch and stage == saved_stage:
+                    optimizer.load_state_dict(state.optimizer)
+                train_model = _wrap(model, place, device)
+                current_stage = stage
+            _set_learning_rate(optimizer, config, epoch)
+            loader = build_loader(
+                train_set,
+                "train",
+                config.data,
+                train=True,
+                batch_size=config.train.batch_size // place.world_size,
+                seed=config.train.seed,
+                epoch=epoch,
+                num_replicas=place.world_size,
+                rank=place.rank,
+                pin_memory=device.type == "cuda",
             )
-            _write_metrics(files, history)
-        if place.world_size > 1:
-            dist.barrier()
+            row = _train_one_epoch(
+                train_model,
+                loader,
+                optimizer,
+                scaler,
+                config,
+                epoch=epoch,
+                stage=stage,
+                device=device,
+                amp_dtype=amp_dtype,
+                place=place,
+                progress=progress and place.is_main,
+            )
+            if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
+                row.update(_evaluate_during_training(model, config, device, place))
+            history.append(row)
+            if place.is_main and not warned_condition:
+                warned_condition = _warn_if_ill_conditioned(row, config)
+            if place.is_main:
+                save_checkpoint(
+                    files.checkpoint,
+                    Checkpoint(
+                        config=config,
+                        model=model.state_dict(),
+                        num_ids=num_ids,
+                        epoch=epoch + 1,
+                        head="rpp" if model.head.is_rpp else "pcb",
+                        optimizer=optimizer.state_dict(),
+                        # The rate itself is a function of the epoch (learning_rate), so the
+                        # schedule's state is the epoch plus the fp16 loss scaler.
+                        scheduler={"epoch": epoch + 1, "scaler": scaler.state_dict()},
+                        rng=capture_rng(),
+                        history=history,
+                    ),
+                )
+                completed = epoch + 1
+                _write_metrics(files, history)
+            if place.world_size > 1:
+                dist.barrier()
+    except KeyboardInterrupt:
+        if place.is_main:
+            raise _interrupted(files, completed, epoch) from None
+        raise
     return files.checkpoint
 
 

@@ -7,9 +7,18 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+from typer.testing import CliRunner
 
+from reidkit.cli import app
+from reidkit.engine import train as train_module
 from reidkit.engine.checkpoint import load_checkpoint
 from reidkit.engine.train import fit
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
 
 
 def dead_pid() -> int:
@@ -34,3 +43,90 @@ def test_resume_removes_the_temporary_a_killed_checkpoint_write_left(
     assert len(lines) == 1 and stale.name in lines[0] and str(run) in lines[0]
     assert load_checkpoint(run / "last.pt").epoch == 2
     assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2]
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def stderr_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_ctrl_c_in_training_keeps_the_last_complete_epoch_and_says_how_to_resume(
+    tiny_overrides, tmp_path: Path, monkeypatch
+):
+    real_epoch = train_module._train_one_epoch
+
+    def stopped_in_epoch_2(*args, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", stopped_in_epoch_2)
+    run = tmp_path / "run"
+    settings = [a for item in (*tiny_overrides, "train.epochs=3") for a in ("--set", item)]
+    result = invoke("train", "--out", run, *settings)
+    assert result.exit_code == 130, result.output
+    (line,) = stderr_lines(result)
+    assert "interrupted in epoch 2" in line
+    assert f"{run / 'last.pt'} keeps epoch 1, the last complete one" in line
+    assert "epoch 2 was cut short and dropped" in line
+    assert line.endswith(f"resume with: reidkit train --out {run} --resume")
+    assert "Traceback" not in result.output
+    assert load_checkpoint(run / "last.pt").epoch == 1
+    assert not [p for p in run.iterdir() if "reidkit-tmp" in p.name]
+
+
+def test_ctrl_c_in_the_first_epoch_says_no_checkpoint_was_saved(
+    tiny_overrides, tmp_path: Path, monkeypatch
+):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", stopped)
+    run = tmp_path / "run"
+    settings = [a for item in tiny_overrides for a in ("--set", item)]
+    result = invoke("train", "--out", run, *settings)
+    assert result.exit_code == 130
+    (line,) = stderr_lines(result)
+    assert "no epoch completed, so no checkpoint was saved" in line
+    assert not (run / "last.pt").exists()
+
+
+def test_ctrl_c_in_extract_leaves_no_index_and_gives_the_command(
+    tmp_path: Path, monkeypatch, tiny_checkpoint
+):
+    from reidkit.engine import search as search_module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module, "extract_features", stopped)
+    out = tmp_path / "index"
+    result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
+    assert result.exit_code == 130, result.output
+    (line,) = stderr_lines(result)
+    assert f"{out} was not written" in line
+    assert f"run again with: reidkit extract {tiny_checkpoint} --dataset tiny" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch, tiny_checkpoint
+):
+    from reidkit.retrieval import index as index_module
+
+    out = tmp_path / "index"
+    assert invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out).exit_code == 0
+    before = (out / "features.npy").read_bytes()
+    real_save = index_module.np.save
+
+    def stopped(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_module.np, "save", stopped)
+    result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
+    assert result.exit_code == 130
+    assert (out / "features.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
