@@ -194,12 +194,19 @@ def train(
         list[str] | None,
         typer.Option("--set", help="override a setting: section.key=value (repeatable)"),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue OUT/last.pt with the run's own settings; --set may change only "
+            "train.epochs (to extend it), train.eval_every, data.workers, data.root and "
+            "eval.batch_size"
+        ),
+    ] = False,
 ) -> None:
     """Train a PCB / PCB-RPP model with attention; writes last.pt, metrics.csv and curves.png."""
     from reidkit.config import load_preset
     from reidkit.data.datasets import dataset_folder
-    from reidkit.engine.train import fit, is_main_process
+    from reidkit.engine.train import default_run_folder, fit, is_main_process, resume_config
 
     try:
         extra = list(overrides or [])
@@ -207,7 +214,15 @@ def train(
             extra.append(f"data.dataset={dataset_folder(dataset)}")
         if data_root:
             extra.append(f"data.root={data_root.expanduser()}")
-        config = load_preset(preset, extra)
+        if resume:
+            # the run's own settings, from its checkpoint; --preset and --dataset only find
+            # the default folder, and --set may change only what is safe to change
+            if out is None:
+                located = [item for item in extra if item.startswith("data.dataset=")]
+                out = default_run_folder(load_preset(preset, located))
+            config = resume_config(out, extra)
+        else:
+            config = load_preset(preset, extra)
         checkpoint = fit(config, out, resume=resume)
     except (ReidkitError, OSError) as err:
         raise fail(err) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +32,7 @@ from rich.progress import (
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from reidkit.config import RunConfig, config_to_dict, data_root
+from reidkit.config import RunConfig, apply_overrides, config_to_dict, data_root
 from reidkit.data.loading import (
     build_loader,
     epoch_seed,
@@ -52,11 +52,15 @@ from reidkit.errors import ConfigError, Interrupted, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
 from reidkit.outputs import atomic_write, check_writable, remove_stale_temporaries, write_text
 
-# Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation.
+# Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation
+# of the epochs already run. train.epochs may grow (an RPP run keeps its PCB stage's length:
+# the extra epochs go to its RPP stage, so train.rpp_epochs grows with it).
 RESUMABLE_CHANGES = {
     ("data", "workers"),
     ("data", "root"),
     ("train", "eval_every"),
+    ("eval", "batch_size"),
+    ("train", "epochs"),
 }
 
 
@@ -235,7 +239,7 @@ def _fit(
 
     start_epoch, history, state = 0, [], None
     if resume:
-        state = _resumable_checkpoint(files, config)
+        state, config = _resumable_checkpoint(files, config)
         start_epoch, history = state.epoch, list(state.history)
     elif files.checkpoint.exists():
         raise ConfigError(
@@ -601,18 +605,69 @@ def _amp_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> Checkpoint:
+def resume_config(folder: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config a resumed run continues with: its checkpoint's own, with safe `--set`s.
+
+    Only RESUMABLE_CHANGES may change; any other key given a new value is refused, naming it,
+    because the epochs already trained were optimised under it (repeating the run's own value
+    is harmless). A longer train.epochs extends the run.
+    """
+    files = RunFiles(Path(folder))
+    if not files.checkpoint.exists():
+        raise ConfigError(
+            f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
+        )
+    saved = load_checkpoint(files.checkpoint).config
+    for item in overrides:
+        dotted = item.split("=", 1)[0].strip()
+        section, _, key = dotted.partition(".")
+        if (section, key) not in RESUMABLE_CHANGES and apply_overrides(saved, [item]) != saved:
+            safe = ", ".join(f"{s}.{k}" for s, k in sorted(RESUMABLE_CHANGES))
+            raise ConfigError(
+                f"--resume: --set {dotted} cannot change for a run that has already trained "
+                f"under it; a resumed run may change only {safe}; start a new run with --out"
+            )
+    config = apply_overrides(saved, overrides)
+    return _extended(saved, config)
+
+
+def _extended(saved: RunConfig, config: RunConfig) -> RunConfig:
+    """`config` with a changed train.epochs checked, and for RPP the PCB stage kept."""
+    added = config.train.epochs - saved.train.epochs
+    if added < 0:
+        raise ConfigError(
+            f"--resume: train.epochs={config.train.epochs} is fewer than the run's "
+            f"{saved.train.epochs}; a resumed run may only be extended"
+        )
+    if added and config.model.head == "rpp" and config.train.rpp_epochs == saved.train.rpp_epochs:
+        train = replace(config.train, rpp_epochs=saved.train.rpp_epochs + added)
+        config = replace(config, train=train)
+    return config
+
+
+def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> tuple[Checkpoint, RunConfig]:
+    """The checkpoint to resume and the config to go on with (an extended RPP run keeps its
+    PCB stage); a change outside RESUMABLE_CHANGES is refused, naming the keys."""
     if not files.checkpoint.exists():
         raise ConfigError(
             f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
         )
     state = load_checkpoint(files.checkpoint)
+    config = _extended(state.config, config)
     saved, wanted = config_to_dict(state.config), config_to_dict(config)
+    # an RPP run extended by _extended has its rpp_epochs grown with train.epochs
+    extended_rpp = (
+        wanted["model"]["head"] == "rpp"
+        and wanted["train"]["rpp_epochs"] - saved["train"]["rpp_epochs"]
+        == wanted["train"]["epochs"] - saved["train"]["epochs"]
+    )
     changed = [
         f"{section}.{key}"
         for section in ("data", "model", "attention", "train")
         for key in wanted[section]
-        if wanted[section][key] != saved[section][key] and (section, key) not in RESUMABLE_CHANGES
+        if wanted[section][key] != saved[section][key]
+        and (section, key) not in RESUMABLE_CHANGES
+        and not ((section, key) == ("train", "rpp_epochs") and extended_rpp)
     ]
     if changed:
         raise ConfigError(
@@ -622,9 +677,9 @@ def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> Checkpoint:
     if state.epoch >= config.train.epochs:
         raise ConfigError(
             f"--resume: {files.checkpoint} already completed all {config.train.epochs} epochs; "
-            "raise train.epochs to train longer"
+            "resume with --set train.epochs=N (more than that) to train longer"
         )
-    return state
+    return state, config
 
 
 def _evaluate_during_training(

@@ -75,6 +75,11 @@ def test_ctrl_c_in_training_keeps_the_last_complete_epoch_and_says_how_to_resume
     assert "Traceback" not in result.output
     assert load_checkpoint(run / "last.pt").epoch == 1
     assert not [p for p in run.iterdir() if "reidkit-tmp" in p.name]
+    monkeypatch.undo()
+    command = line.split("resume with: reidkit ", 1)[1].split()  # the printed command works
+    resumed = invoke(*command)
+    assert resumed.exit_code == 0, resumed.output
+    assert list(pd.read_csv(run / "metrics.csv")["epoch"]) == [1, 2, 3]
 
 
 def test_ctrl_c_in_the_first_epoch_says_no_checkpoint_was_saved(
@@ -130,3 +135,65 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
     assert result.exit_code == 130
     assert (out / "features.npy").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+# ------------------------------------------------------------------ --resume
+
+
+def first_run(tiny_overrides, run: Path, *extra: str) -> None:
+    settings = [a for item in (*tiny_overrides, *extra) for a in ("--set", item)]
+    result = invoke("train", "--out", run, *settings)
+    assert result.exit_code == 0, result.output
+
+
+def test_bare_resume_extends_a_run_with_its_own_settings(tiny_overrides, tmp_path: Path):
+    run = tmp_path / "run"
+    first_run(tiny_overrides, run, "train.epochs=1", "train.lr=0.02")
+    # none of the first run's --set repeated: they come from the checkpoint
+    result = invoke("train", "--out", run, "--resume", "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    assert list(metrics["lr"]) == [0.02, 0.02]  # the run's own rate, not the preset's
+    state = load_checkpoint(run / "last.pt")
+    assert state.epoch == 2 and state.config.train.epochs == 2
+    assert state.config.model.arch == "resnet18"
+
+
+def test_resume_refuses_a_changed_setting_naming_the_key(tiny_overrides, tmp_path: Path):
+    run = tmp_path / "run"
+    first_run(tiny_overrides, run, "train.epochs=1")
+    before = (run / "last.pt").read_bytes()
+    result = invoke("train", "--out", run, "--resume", "--set", "train.lr=0.5")
+    assert result.exit_code == 1
+    (line,) = stderr_lines(result)
+    assert "--set train.lr cannot change" in line and "train.epochs" in line
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_resume_accepts_repeating_the_runs_own_value(tiny_overrides, tmp_path: Path):
+    run = tmp_path / "run"
+    first_run(tiny_overrides, run, "train.epochs=1")
+    settings = [a for item in (*tiny_overrides, "train.epochs=2") for a in ("--set", item)]
+    result = invoke("train", "--out", run, "--resume", *settings)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "last.pt").epoch == 2
+
+
+def test_resume_may_not_shorten_a_run(tiny_overrides, tmp_path: Path):
+    run = tmp_path / "run"
+    first_run(tiny_overrides, run, "train.epochs=3")
+    result = invoke("train", "--out", run, "--resume", "--set", "train.epochs=2")
+    assert result.exit_code == 1
+    assert "may only be extended" in result.stderr
+
+
+def test_extending_an_rpp_run_keeps_its_pcb_stage(tiny_config, tmp_path: Path):
+    run = tmp_path / "run"
+    rpp = ("model.head=rpp", "train.rpp_epochs=1", "train.rpp_classifier_epochs=1")
+    fit(tiny_config("train.epochs=2", *rpp), run, progress=False, stop_after=1)
+    result = invoke("train", "--out", run, "--resume", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    # one PCB epoch, as planned; the added epoch goes to the RPP stage
+    assert list(pd.read_csv(run / "metrics.csv")["stage"]) == ["pcb", "rpp-classifier", "rpp"]
+    assert load_checkpoint(run / "last.pt").config.train.rpp_epochs == 2
