@@ -133,6 +133,8 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
     monkeypatch.setattr(index_module.np, "save", stopped)
     result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
     assert result.exit_code == 130
+    (line,) = stderr_lines(result)
+    assert f"{out} was not written (an index already there is unchanged)" in line
     assert (out / "features.npy").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
