@@ -43,7 +43,14 @@ def test_only_reidkit_temporaries_of_dead_processes_are_removed(tmp_path: Path):
     (stale_folder / "features.npy").write_bytes(b"x")
     live = tmp_path / f".last.pt.reidkit-tmp-{os.getppid()}-0123abcd"  # a writer still running
     live.write_bytes(b"y")
-    users = [".last.pt.tmp-1", "notes.reidkit-tmp-1-0123abcd", ".x.reidkit-tmp-abc", "last.pt"]
+    # near misses, with the dead writer's pid, that a user or another tool could have made
+    users = [
+        f".last.pt.tmp-{pid}",
+        f"notes.reidkit-tmp-{pid}-0123abcd",
+        f".x.reidkit-tmp-{pid}",
+        f".x.reidkit-tmp-{pid}-0123abcd.bak",
+        "last.pt",
+    ]
     for name in users:
         (tmp_path / name).write_text("keep")
     assert remove_stale_temporaries(tmp_path) == sorted([stale_folder, stale])
