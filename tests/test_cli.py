@@ -59,13 +59,13 @@ def test_train_passes_typed_overrides_and_the_canonical_dataset(monkeypatch, tmp
         "attention.grid=6,4",
         "--out",
         tmp_path / "run",
-        "--resume",
     )
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert config.data.dataset == "dukemtmc-reid" and config.data.root == str(tmp_path)
     assert config.attention.groups == 4 and config.attention.grid == (6, 4)
-    assert seen["out"] == tmp_path / "run" and seen["resume"] is True
+    # --resume takes the run's own settings from its checkpoint (test_train_interrupted.py)
+    assert seen["out"] == tmp_path / "run" and seen["resume"] is False
 
 
 @pytest.mark.parametrize(
