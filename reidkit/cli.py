@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from reidkit.errors import ReidkitError
+from reidkit.errors import Interrupted, ReidkitError
+from reidkit.outputs import OS_ERROR_HINTS, check_writable, write_text, writing
 from reidkit.terminal import OutputConsole
 
 app = typer.Typer(
@@ -26,18 +24,6 @@ app = typer.Typer(
 # Folded only on a terminal: in a file, a pipe or CI, paths and commands stay on one line.
 console = OutputConsole()
 err_console = OutputConsole(stderr=True)
-
-
-# What to do about an operating-system error, by its errno; the path itself is named first.
-OS_ERROR_HINTS = {
-    errno.EACCES: "check its permissions or choose another path",
-    errno.EPERM: "check its permissions or choose another path",
-    errno.EROFS: "the file system is read-only; choose another path",
-    errno.ENOENT: "check the path",
-    errno.EISDIR: "give a file path, not a folder",
-    errno.ENOTDIR: "part of the path is a file, not a folder",
-    errno.ENOSPC: "free some disk space",
-}
 
 
 def describe(err: BaseException) -> str:
@@ -77,45 +63,20 @@ def check_choice(option: str, value: str | None, values: tuple[str, ...]) -> Non
         raise fail(ValueError(f"{option} {value!r}: choose {listed}"), 2)
 
 
-@contextmanager
-def writing(option: str, path: Path) -> Iterator[None]:
-    """Name the option and its path when writing an output file fails."""
-    try:
-        yield
-    except OSError as err:
-        reason = err.strerror or str(err)
-        hint = OS_ERROR_HINTS.get(err.errno, "choose another path")
-        raise ReidkitError(f"cannot write {option} {path}: {reason}; {hint}") from None
+def interrupted(message: str) -> typer.Exit:
+    """Ctrl-C: one line saying what was kept, cleaned up and how to go on; exit code 130."""
+    err_console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file beside `path`, renamed into place; none is left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def command_line(*words: object) -> str:
+    """A command the user can paste: words joined, each quoted where the shell needs it."""
+    return shlex.join(str(w) for w in words)
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write JSON by rename (reidkit.outputs), so no partial file is ever at `path`."""
     write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def check_output(option: str, path: Path) -> None:
-    """Refuse an output path that cannot be written, before any long computation."""
-    if path.is_dir():
-        raise ReidkitError(f"{option} {path} is a folder; give a file path")
-    existing = next(p for p in path.parents if p.exists())  # the filesystem root exists
-    if not existing.is_dir():
-        raise ReidkitError(f"cannot write {option} {path}: {existing} is a file, not a folder")
-    with writing(option, path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise ReidkitError(
-            f"cannot write {option} {path}: {path.parent} is not writable; choose another path"
-        )
 
 
 def show_version(value: bool) -> None:
@@ -181,8 +142,15 @@ def prepare(
     allow_mismatch: Annotated[
         bool, typer.Option(help="accept counts that differ from the published ones")
     ] = False,
+    quick_check: Annotated[
+        bool,
+        typer.Option(
+            help="read only each image's header (fast; a truncated image passes); "
+            "default: decode every image fully"
+        ),
+    ] = False,
     check_images: Annotated[
-        bool, typer.Option(help="fully decode every image (default: header check)")
+        bool, typer.Option(help="decode every image again, also of an already prepared dataset")
     ] = False,
     seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 0,
     train_ids: Annotated[int, typer.Option(help="synthetic: training identities")] = 60,
@@ -206,6 +174,7 @@ def prepare(
             variant=variant,
             allow_mismatch=allow_mismatch,
             check_images=check_images,
+            quick_check=quick_check,
             synthetic=synthetic,
         )
     except CountMismatchError as err:
@@ -219,6 +188,22 @@ def prepare(
         raise fail(err) from None
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except KeyboardInterrupt:
+        again = ["reidkit", "prepare", dataset, root]
+        for option, value, default in (
+            ("--source", source, None),
+            ("--name", name, None),
+            ("--variant", variant, "detected"),
+        ):
+            if value != default:
+                again += [option, value]
+        again += [flag for flag, on in (("--allow-mismatch", allow_mismatch),
+                                        ("--quick-check", quick_check)) if on]  # fmt: skip
+        raise interrupted(
+            f"interrupted: no manifest was written, so nothing under {root} is a prepared "
+            "dataset from this run; its temporary extraction was removed; run again with: "
+            f"{command_line(*again)}"
+        ) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     title = f"{result.name}: {result.manifest}"
@@ -256,12 +241,19 @@ def train(
         list[str] | None,
         typer.Option("--set", help="override a setting: section.key=value (repeatable)"),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue OUT/last.pt with the run's own settings; --set may change only "
+            "train.epochs (to extend it), train.eval_every, data.workers, data.root and "
+            "eval.batch_size"
+        ),
+    ] = False,
 ) -> None:
     """Train a PCB / PCB-RPP model with attention; writes last.pt, metrics.csv and curves.png."""
     from reidkit.config import load_preset
     from reidkit.data.datasets import dataset_folder
-    from reidkit.engine.train import fit, is_main_process
+    from reidkit.engine.train import default_run_folder, fit, is_main_process, resume_config
 
     try:
         extra = list(overrides or [])
@@ -269,10 +261,25 @@ def train(
             extra.append(f"data.dataset={dataset_folder(dataset)}")
         if data_root:
             extra.append(f"data.root={data_root.expanduser()}")
-        config = load_preset(preset, extra)
+        if resume:
+            # the run's own settings, from its checkpoint; --preset and --dataset only find
+            # the default folder, and --set may change only what is safe to change
+            if out is None:
+                located = [item for item in extra if item.startswith("data.dataset=")]
+                out = default_run_folder(load_preset(preset, located))
+            config = resume_config(out, extra)
+        else:
+            config = load_preset(preset, extra)
         checkpoint = fit(config, out, resume=resume)
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except Interrupted as err:
+        raise interrupted(str(err)) from None
+    except KeyboardInterrupt:  # before the first epoch began: nothing was trained
+        raise interrupted(
+            "interrupted before training began: no checkpoint was written; run the same "
+            "command again"
+        ) from None
     if is_main_process():
         console.print(f"checkpoint: {checkpoint}")
         console.print(
@@ -389,7 +396,7 @@ def evaluate(
     try:
         for option, path in (("--json", json_out), ("--cmc-plot", cmc_plot)):
             if path is not None:
-                check_output(option, path)
+                check_writable(option, path)
         report = run_evaluation(
             checkpoint,
             dataset,
@@ -477,6 +484,24 @@ def extract(
         )
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
+    except KeyboardInterrupt:
+        target = out or DEFAULT_INDEX
+        again = ["reidkit", "extract", checkpoint]
+        if images is not None:
+            again += ["--images", images]
+        else:
+            again += ["--dataset", dataset, "--split", split]
+        again += ["--out", target]
+        for option, value in (("--data-root", data_root), ("--index", index),
+                              ("--feature", feature)):  # fmt: skip
+            if value is not None:
+                again += [option, value]
+        if flip is not None:
+            again.append("--flip" if flip else "--no-flip")
+        raise interrupted(
+            f"interrupted: {target} was not written (an index already there is unchanged) and "
+            f"its temporary folder was removed; run again with: {command_line(*again)}"
+        ) from None
     console.print(f"index: {folder} (index.faiss, features.npy, meta.csv, info.json)")
 
 
@@ -511,7 +536,7 @@ def search(
     from reidkit.engine.search import MONTAGE_COLUMNS, save_results_montage, search_index
 
     try:
-        check_output("--save", save)
+        check_writable("--save", save)
         results = search_index(queries, index, top=top)
         with writing("--save", save):
             montage = save_results_montage(results, save)
@@ -538,6 +563,7 @@ def demo(
     from reidkit.engine.demo import run_demo
 
     try:
+        check_writable("--out", out, folder=True)
         result = run_demo(out, step=lambda text: console.print(f"[bold]{text}[/]"))
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
@@ -563,7 +589,7 @@ def export(
     from reidkit.engine.export import export_onnx
 
     try:
-        check_output("--out", out)
+        check_writable("--out", out)
         with writing("--out", out):
             report = export_onnx(checkpoint, out, check_images=check_images)
     except (ReidkitError, OSError) as err:
@@ -617,7 +643,7 @@ def attention(
     except typer.BadParameter as err:
         raise fail(ValueError(f"--point {err.message}"), 2) from None
     try:
-        check_output("--out", out)
+        check_writable("--out", out)
         result = attention_maps(checkpoint, image, stage=stage, group=group, points=points)
         title = f"{image.name}: {result.kind} after stage {result.stage}, group {result.group}"
         with writing("--out", out):
@@ -666,7 +692,7 @@ def compare(
     outputs = {suffix: out.with_name(out.name + suffix) for suffix in (".md", ".csv", ".png")}
     try:
         for path in outputs.values():
-            check_output("--out", path)
+            check_writable("--out", path)
         summaries = [summarise_run(run, ap_mode=ap_mode) for run in runs]
         frame = comparison_frame(summaries)
         with writing("--out", outputs[".md"]):

@@ -23,3 +23,8 @@ class IndexFolderError(ReidkitError):
 
 class NumericalError(ReidkitError):
     """A model's computation failed in floating point, e.g. a singular CSALR landmark matrix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command; the message says what was kept, what was cleaned up and the
+    command that continues. A KeyboardInterrupt still, so callers that handle one still do."""

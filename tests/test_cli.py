@@ -59,13 +59,13 @@ def test_train_passes_typed_overrides_and_the_canonical_dataset(monkeypatch, tmp
         "attention.grid=6,4",
         "--out",
         tmp_path / "run",
-        "--resume",
     )
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert config.data.dataset == "dukemtmc-reid" and config.data.root == str(tmp_path)
     assert config.attention.groups == 4 and config.attention.grid == (6, 4)
-    assert seen["out"] == tmp_path / "run" and seen["resume"] is True
+    # --resume takes the run's own settings from its checkpoint (test_train_interrupted.py)
+    assert seen["out"] == tmp_path / "run" and seen["resume"] is False
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_train_evaluate_extract_search_round_trip(tiny_overrides, tiny_root, tmp
 def test_evaluate_refuses_a_checkpoint_of_the_wrong_kind(tmp_path: Path):
     weights = tmp_path / "resnet50.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), weights)
-    one_line_error(invoke("evaluate", weights), "is not a reidkit checkpoint")
+    one_line_error(invoke("evaluate", weights), "is a PyTorch file but not a reidkit checkpoint")
     one_line_error(invoke("evaluate", tmp_path / "missing.pt"), "does not exist")
 
 

@@ -119,7 +119,7 @@ def test_failed_cmc_plot_write_is_one_line(tmp_path: Path, evaluations, monkeypa
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
 
-    monkeypatch.setattr(visualize, "_atomic_write", denied)
+    monkeypatch.setattr(visualize, "_write_png", denied)
     target = tmp_path / "cmc.png"
     result = invoke("evaluate", tmp_path / "last.pt", "--cmc-plot", target)
     one_line_error(result, f"cannot write --cmc-plot {target}: Permission denied", "permissions")
@@ -184,7 +184,8 @@ def test_train_out_under_a_file_is_one_line(tiny_overrides, tmp_path: Path):
     (tmp_path / "file").write_text("in the way")
     settings = [arg for item in tiny_overrides for arg in ("--set", item)]
     result = invoke("train", "--out", tmp_path / "file" / "run", *settings)
-    one_line_error(result, str(tmp_path / "file"), "Not a directory", "is a file, not a folder")
+    target = tmp_path / "file" / "run"
+    one_line_error(result, f"cannot write --out {target}", "is a file, not a folder")
 
 
 def test_section_names_in_a_message_are_printed_not_swallowed_as_markup(tmp_path: Path):

@@ -65,7 +65,8 @@ def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(tiny_config, tmp_pat
     untrained_checkpoint(tiny_config(), run / "last.pt")
     line = error_line(invoke("evaluate", run))
     assert (
-        f"checkpoint {run} is a folder; give the checkpoint file inside it, {run}/last.pt" in line
+        f"checkpoint {run} is a folder, not a file; give the checkpoint file inside it, "
+        f"{run}/last.pt" in line
     )
 
 

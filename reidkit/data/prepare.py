@@ -15,6 +15,7 @@ camid column; a CSV without one gets QUERY_CAMID / OTHER_CAMID (see below).
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import posixpath
@@ -25,10 +26,11 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -62,6 +64,7 @@ from reidkit.data.datasets import (
 )
 from reidkit.data.synthetic import SyntheticSpec, generate_synthetic
 from reidkit.errors import DatasetError
+from reidkit.outputs import write_text
 from reidkit.terminal import draws_bars
 
 RECORD_NAME = "dataset.json"
@@ -74,6 +77,9 @@ CAMID_NOTE = (
     "so no gallery image is dropped as a same-camera match (keep query images out of the "
     "gallery, or they match themselves)"
 )
+# How images are checked: "full" decodes each one on a first prepare, "quick" reads headers
+# only, "recheck" also decodes the images of an already prepared dataset.
+ImageCheck = Literal["full", "quick", "recheck"]
 _PARTIAL = ".partial"  # suffix of the staging folders that extraction and generation write to
 _CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -118,6 +124,7 @@ def prepare_dataset(
     variant: str = "detected",
     allow_mismatch: bool = False,
     check_images: bool = False,
+    quick_check: bool = False,
     synthetic: SyntheticSpec | None = None,
     progress: bool = True,
 ) -> PreparedDataset:
@@ -129,8 +136,13 @@ def prepare_dataset(
     Market-1501 layout or a CSV (path,pid,split[,camid]) and reports its counts unverified.
     `synthetic` generates images from `synthetic` (default: SyntheticSpec()). A dataset that is
     already prepared is re-checked (files exist, counts) and reused without reading any image.
-    Every image gets a header check, or a full decode with `check_images`.
+    Every image is decoded fully (in parallel), or with `quick_check` only its header is read
+    (fast, but a truncated JPEG passes). `check_images` decodes every image even of an
+    already prepared dataset.
     """
+    if check_images and quick_check:
+        raise DatasetError("give --check-images (decode again) or --quick-check, not both")
+    images: ImageCheck = "recheck" if check_images else "quick" if quick_check else "full"
     canonical = canonical_name(dataset)
     root = Path(os.path.abspath(Path(root).expanduser()))
     if source is not None:
@@ -140,7 +152,7 @@ def prepare_dataset(
         return _prepare_synthetic(synthetic or SyntheticSpec(), folder, progress)
     if canonical == "custom":
         folder = root / _folder_name(name, "custom")
-        return _prepare_custom(folder, source, check_images, progress)
+        return _prepare_custom(folder, source, images, progress)
     if canonical in LIST_DATASETS:
         listed = LIST_DATASETS[canonical]
         if variant != DEFAULT_VARIANT:
@@ -149,13 +161,13 @@ def prepare_dataset(
                 "labeled) applies to cuhk03-np only"
             )
         folder = root / _folder_name(name, listed.name)
-        return _prepare_listed(listed, folder, source, allow_mismatch, check_images, progress)
+        return _prepare_listed(listed, folder, source, allow_mismatch, images, progress)
     spec = DATASETS[canonical]
     layout = spec.variant(variant)
     folder = root / _folder_name(name, layout.default_name)
     variant_key = variant if len(spec.variants) > 1 else None  # recorded, and checked on reuse
     return _prepare_official(
-        spec, layout, variant_key, folder, source, allow_mismatch, check_images, progress
+        spec, layout, variant_key, folder, source, allow_mismatch, images, progress
     )
 
 
@@ -169,22 +181,47 @@ def _prepare_official(
     folder: Path,
     source: Path | None,
     allow_mismatch: bool,
-    check_images: bool,
+    images: ImageCheck,
     progress: bool,
 ) -> PreparedDataset:
     _check_owner(folder, spec.name, variant)
     if (folder / MANIFEST_NAME).is_file():
-        result = _reuse(folder, layout.counts, spec.title, allow_mismatch, check_images, progress)
+        result = _reuse(folder, layout.counts, spec.title, allow_mismatch, images, progress)
         if source is None:
             return result
         # re-running a finished command stays harmless, but say that the source was not read
         note = f"{folder} is already prepared, so --source was not read"
         return replace(result, warnings=(*result.warnings, note))
     warnings = _leftovers(folder)
-    base, source = _locate(spec, layout, folder, source, progress, warnings)
-    frame, junk = _scan_layout(base, spec.extensions)
-    verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
-    _check_images(frame["path"], full=check_images, progress=progress)
+    base, source = _locate(spec, layout, folder, source, warnings)
+    if base is not None:
+        frame, junk = _scan_layout(base, spec.extensions)
+        verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
+        _check_images(frame["path"], full=images != "quick", progress=progress)
+    else:
+        # An archive is extracted, read, verified and checked in a staging folder and moved
+        # into ROOT/NAME only then: a count mismatch or a bad image leaves nothing in ROOT.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging(folder)
+        try:
+            links = extract_archive(source, staging, progress=progress)
+            if links:
+                warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+            base = _find_layout(staging, spec, layout, str(source))
+            frame, junk = _scan_layout(base, spec.extensions)
+            verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
+            staged = os.path.join(staging, "")
+            _check_images(
+                frame["path"],
+                full=images != "quick",
+                progress=progress,
+                shown_as=lambda p: f"{source.name}: entry {p[len(staged) :]}",
+            )
+            _move_into(staging, folder, spec.title)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        old, new = os.path.join(staging, ""), os.path.join(folder, "")
+        frame["path"] = [new + p[len(old) :] for p in frame["path"]]
     record = {"dataset": spec.name, "variant": variant, "source": str(source), "junk": junk}
     manifest = _write(folder, frame, record, verified=verified, notes=[])
     return PreparedDataset(
@@ -193,12 +230,12 @@ def _prepare_official(
 
 
 def _prepare_custom(
-    folder: Path, source: Path | None, check_images: bool, progress: bool
+    folder: Path, source: Path | None, images: ImageCheck, progress: bool
 ) -> PreparedDataset:
     _check_owner(folder, "custom", None)
     if source is None:
         if (folder / MANIFEST_NAME).is_file():
-            return _reuse(folder, None, "custom", False, check_images, progress)
+            return _reuse(folder, None, "custom", False, images, progress)
         raise DatasetError(
             "custom needs --source: a folder with bounding_box_train/, query/ and "
             "bounding_box_test/ (files named PID_cCAM_*.jpg) or a CSV with columns "
@@ -219,7 +256,7 @@ def _prepare_custom(
     else:
         raise DatasetError(f"--source {source}: custom takes a folder or a .csv file")
     warnings = [*notes, *_check_custom(frame, source)]
-    _check_images(frame["path"], full=check_images, progress=progress)
+    _check_images(frame["path"], full=images != "quick", progress=progress)
     record = {"dataset": "custom", "variant": None, "source": str(source), "junk": junk}
     record["camera_ids"] = CAMID_NOTE not in notes  # `evaluate` says when the rule was off
     manifest = _write(folder, frame, record, verified=False, notes=notes)
@@ -231,7 +268,7 @@ def _prepare_synthetic(spec: SyntheticSpec, folder: Path, progress: bool) -> Pre
     record = _read_record(folder)
     if record is not None and record.get("synthetic") == asdict(spec):
         try:
-            return _reuse(folder, spec.counts(), "synthetic", False, False, progress)
+            return _reuse(folder, spec.counts(), "synthetic", False, "full", progress)
         except DatasetError:
             pass  # files gone or changed: ours to regenerate
     if record is None and folder.is_dir() and any(folder.iterdir()):
@@ -260,7 +297,7 @@ def _reuse(
     counts: PublishedCounts | None,
     title: str,
     allow_mismatch: bool,
-    check_images: bool,
+    images: ImageCheck,
     progress: bool,
 ) -> PreparedDataset:
     """Check an existing manifest without reading images (unless asked) and keep it."""
@@ -274,7 +311,7 @@ def _reuse(
         )
     warnings = list((_read_record(folder) or {}).get("notes", []))
     verified = counts is not None and _verify_counts(frame, counts, title, allow_mismatch, warnings)
-    if check_images:
+    if images == "recheck":
         _check_images(frame["path"], full=True, progress=progress)
     return PreparedDataset(
         folder.name, manifest, _summarise(frame), verified, True, tuple(warnings)
@@ -289,10 +326,10 @@ def _locate(
     layout: VariantSpec,
     folder: Path,
     source: Path | None,
-    progress: bool,
     warnings: list[str],
-) -> tuple[Path, Path]:
-    """(folder holding the split folders, the source it came from), extracting if needed."""
+) -> tuple[Path | None, Path]:
+    """(folder holding the split folders, the source it came from); (None, archive) when the
+    source is an archive still to be extracted."""
     if source is not None and source.is_dir():
         return _find_layout(source, spec, layout, str(source)), source
     if source is not None and not source.exists():
@@ -315,10 +352,7 @@ def _locate(
         archives = [root / n for n in spec.archive_names if (root / n).is_file()]
         source = archives[0] if archives else None
     if source is not None:
-        base, links = _extract_official(source, folder, spec, layout, progress)
-        if links:
-            warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
-        return base, source
+        return None, source
     missing = "" if root.is_dir() else " (which does not exist)"
     raise DatasetError(
         f"no {spec.title} in {root}{missing}: place {spec.archive} (or its extracted folder "
@@ -343,34 +377,6 @@ def _find_layout(base: Path, spec: DatasetSpec, layout: VariantSpec, label: str)
     )
 
 
-def _extract_official(
-    archive: Path, folder: Path, spec: DatasetSpec, layout: VariantSpec, progress: bool
-) -> tuple[Path, int]:
-    """Extract `archive` into ROOT/NAME through a staging folder.
-
-    Returns the folder holding the split folders and the number of links skipped.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging(folder)
-    try:
-        links = extract_archive(archive, staging, progress=progress)
-        base = _find_layout(staging, spec, layout, str(archive))
-        relative = base.relative_to(staging)
-        entries = sorted(staging.iterdir())
-        folder.mkdir(exist_ok=True)
-        for entry in entries:
-            if (folder / entry.name).exists():
-                raise DatasetError(
-                    f"{folder / entry.name} already exists but is not a complete "
-                    f"{spec.title}; remove it and prepare again"
-                )
-        for entry in entries:
-            os.replace(entry, folder / entry.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder / relative, links
-
-
 # ---------------------------------------------------------------- datasets given by list files
 
 
@@ -379,7 +385,7 @@ def _prepare_listed(
     folder: Path,
     source: Path | None,
     allow_mismatch: bool,
-    check_images: bool,
+    images: ImageCheck,
     progress: bool,
 ) -> PreparedDataset:
     """MSMT17: a release folder (list files and image folders) or its archive -> manifest.
@@ -390,7 +396,7 @@ def _prepare_listed(
     """
     _check_owner(folder, spec.name, None)
     if (folder / MANIFEST_NAME).is_file():
-        result = _reuse(folder, spec.counts, spec.title, allow_mismatch, check_images, progress)
+        result = _reuse(folder, spec.counts, spec.title, allow_mismatch, images, progress)
         if source is None:
             return result
         note = f"{folder} is already prepared, so --source was not read"
@@ -401,7 +407,7 @@ def _prepare_listed(
         base, release = _find_release(source, spec, str(source))
         frame, junk = _scan_lists(base, release, spec)
         verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
-        _check_images(frame["path"], full=check_images, progress=progress)
+        _check_images(frame["path"], full=images != "quick", progress=progress)
     else:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = _staging(folder)
@@ -412,7 +418,7 @@ def _prepare_listed(
             base, release = _find_release(staging, spec, str(source))
             frame, junk = _scan_lists(base, release, spec)
             verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
-            _check_images(frame["path"], full=check_images, progress=progress)
+            _check_images(frame["path"], full=images != "quick", progress=progress)
             _move_into(staging, folder, spec.title)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -830,22 +836,61 @@ def _verify_counts(
     return False
 
 
-def _check_images(paths: Iterable[str], *, full: bool, progress: bool) -> None:
-    """Open every image (header) or decode it fully; the first bad one fails with its path."""
+# Threads, not processes: Pillow releases the GIL while it decodes, and threads start at once
+# and share the path list. A few suffice to keep a disk and two to eight cores busy.
+CHECK_THREADS = min(8, os.cpu_count() or 1)
+_SERIAL_BELOW = 64  # a pool costs more than it saves on a handful of images
+
+
+def _check_images(
+    paths: Iterable[str],
+    *,
+    full: bool,
+    progress: bool,
+    shown_as: Callable[[str], str] = str,
+) -> None:
+    """Decode every image fully (or, without `full`, read its header), in parallel.
+
+    The first bad image in the manifest's order fails with its path (as `shown_as` writes it:
+    an image in a staging folder is named by its archive entry) and what is wrong.
+    """
     paths = list(paths)
-    what = "decoding" if full else "checking"
-    for path in _steps(paths, f"{what} {len(paths):,} images", progress):
-        try:
-            with Image.open(path) as image:
-                if full:
-                    image.load()
-                width, height = image.size
-        except Exception as err:  # PIL reports bad data with many exception types
-            raise DatasetError(
-                f"{path} is not a readable image ({err}); replace or remove it and prepare again"
-            ) from None
-        if width < 1 or height < 1:
-            raise DatasetError(f"{path} has no pixels; replace or remove it and prepare again")
+    what = "decoding" if full else "checking headers of"
+    threads = 1 if len(paths) < _SERIAL_BELOW else CHECK_THREADS
+    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+    try:
+        # map keeps the input order, so the image reported does not depend on thread timing
+        problems = (
+            pool.map(_image_problem, paths, itertools.repeat(full), chunksize=32)
+            if pool is not None
+            else (_image_problem(path, full) for path in paths)
+        )
+        for path, problem in zip(
+            paths,
+            _steps(problems, f"{what} {len(paths):,} images", progress, len(paths)),
+            strict=True,
+        ):
+            if problem is not None:
+                raise DatasetError(
+                    f"{shown_as(path)} {problem}; replace or remove it and prepare again"
+                )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _image_problem(path: str, full: bool) -> str | None:
+    """What is wrong with one image, or None. A full decode finds a JPEG cut short."""
+    try:
+        with Image.open(path) as image:
+            if full:
+                image.load()
+            width, height = image.size
+    except Exception as err:  # PIL reports bad data with many exception types
+        return f"is not a readable image ({err})"
+    if width < 1 or height < 1:
+        return "has no pixels"
+    return None
 
 
 def _summarise(frame: pd.DataFrame) -> tuple[SplitSummary, ...]:
@@ -872,21 +917,10 @@ def _write(
     ]
     out = frame.assign(path=paths)[list(MANIFEST_COLUMNS)]
     full_record = {**record, "verified": verified, "notes": notes, "reidkit": __version__}
-    _write_atomic(folder / RECORD_NAME, json.dumps(full_record, indent=2) + "\n")
+    write_text(folder / RECORD_NAME, json.dumps(full_record, indent=2) + "\n")
     manifest = folder / MANIFEST_NAME
-    _write_atomic(manifest, out.to_csv(index=False, lineterminator="\n"))
+    write_text(manifest, out.to_csv(index=False, lineterminator="\n"))
     return manifest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # a plain open (not mkstemp) so the file gets the usual umask permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- folders and records
@@ -940,12 +974,12 @@ def _replace_folder(new: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _steps(items: list, description: str, progress: bool) -> Iterable:
+def _steps(items: Iterable, description: str, progress: bool, total: int | None = None) -> Iterable:
     console = Console(stderr=True)
     return rich.progress.track(
         items,
         description=description,
-        total=len(items),
+        total=len(items) if total is None else total,
         transient=True,
         console=console,
         disable=not draws_bars(progress, console),

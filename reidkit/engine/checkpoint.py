@@ -6,10 +6,12 @@ reads it without unpickling arbitrary objects: a checkpoint from someone else is
 
 from __future__ import annotations
 
-import os
 import pickle
+import pickletools
 import random
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from reidkit import __version__
 from reidkit.config import RunConfig, config_from_dict, config_to_dict
 from reidkit.errors import CheckpointError, ConfigError
 from reidkit.models.net import ReidNet, build_model
+from reidkit.outputs import atomic_write
 
 FORMAT = "reidkit-checkpoint"
 FORMAT_VERSION = 1
@@ -62,17 +65,9 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "rng": checkpoint.rng,
         "history": checkpoint.history,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, durable=True) as temporary:
         with open(temporary, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -85,22 +80,25 @@ def load_checkpoint(path: Path) -> Checkpoint:
             if inside.is_file()
             else "a checkpoint file written by `reidkit train` (runs/<name>/last.pt)"
         )
-        raise CheckpointError(f"checkpoint {path} is a folder; give {expected}")
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; give {expected}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `reidkit train`")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} holds Python objects that only pickle can load, which could run code; "
-            "reidkit checkpoints never need it (re-save the weights as a plain state dict)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path} is truncated or not a PyTorch file ({err})") from None
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol it does not expect before it refuses the
+            # file; the refusal below is the one line the user gets
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load reports wrong bytes with many exception types
+        try:
+            what = _what_it_is_not(path, err)
+        except OSError as unreadable:
+            what = f"cannot be read ({unreadable.strerror or unreadable}); check its permissions"
+        raise CheckpointError(f"{path} {what}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path} is not a reidkit checkpoint (no '{FORMAT}' marker); give a file written by "
-            "`reidkit train` (runs/<name>/last.pt)"
+            f"{path} is a PyTorch file but not a reidkit checkpoint (no '{FORMAT}' marker); give "
+            "a file written by `reidkit train` (runs/<name>/last.pt)"
         )
     version = payload.get("format_version", 0)
     if not _is_int(version):
@@ -127,6 +125,61 @@ def load_checkpoint(path: Path) -> Checkpoint:
         history=list(payload.get("history", [])),
         version=str(payload.get("reidkit", "unknown")),
     )
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl and tensors
+PICKLE_PROTOCOL = b"\x80"  # pickles of protocol 2+ (and legacy torch.save files) start so
+# Opcodes that name or call a Python callable: a pickle with them holds objects, not data.
+OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+NOT_A_CHECKPOINT = "give a file written by `reidkit train` (runs/<name>/last.pt)"
+PICKLED_OBJECTS = (
+    "holds Python objects that only pickle can load, which could run code; reidkit "
+    "checkpoints never need it (re-save the weights as a plain state dict)"
+)
+
+
+def _what_it_is_not(path: Path, err: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused `path`, as the rest of one line.
+
+    torch reports random bytes, text and pickled objects alike as an unpickling error, so
+    the file's first bytes decide what it is; pickle is named only for a pickle with objects.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"is empty, not a checkpoint; {NOT_A_CHECKPOINT}"
+    if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+                data = archive.read(pickles[0]) if pickles else None
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
+            return (
+                "is truncated or damaged: it starts as a PyTorch file but its end is missing or "
+                "corrupt; use an intact copy or train again"
+            )
+        if data is None:
+            return f"is a zip archive, not a PyTorch file; {NOT_A_CHECKPOINT}"
+        # the weights-only unpickler refused a well-formed pickle: it names objects
+        if isinstance(err, pickle.UnpicklingError) and _pickle_opcodes(data) is not None:
+            return PICKLED_OBJECTS
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"is a damaged PyTorch file ({first}); use an intact copy or train again"
+    if head.startswith(PICKLE_PROTOCOL):
+        opcodes = _pickle_opcodes(path.read_bytes())
+        if opcodes is not None and opcodes & OBJECT_OPCODES:
+            return PICKLED_OBJECTS
+        if opcodes is not None:
+            return f"is a pickle of plain data, not a PyTorch file; {NOT_A_CHECKPOINT}"
+    return f"is not a PyTorch file; {NOT_A_CHECKPOINT}"
+
+
+def _pickle_opcodes(data: bytes) -> set[str] | None:
+    """The opcode names of the pickle `data` starts with; None unless it is a whole pickle."""
+    try:
+        return {opcode.name for opcode, _arg, _pos in pickletools.genops(data)}
+    except Exception:  # other bytes fail in many ways: unknown opcode, no STOP, bad argument
+        return None
 
 
 def _is_int(value: Any) -> bool:

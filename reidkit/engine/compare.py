@@ -9,7 +9,6 @@ and reused while the checkpoint's epoch and the AP mode are the same.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from reidkit.config import PaperRow
 from reidkit.engine.checkpoint import load_checkpoint
 from reidkit.engine.evaluate import run_evaluation
 from reidkit.errors import CheckpointError
+from reidkit.outputs import atomic_write, write_text
 
 EVALUATION_NAME = "evaluation.json"
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -155,12 +155,8 @@ def save_comparison_plot(summaries: Sequence[RunSummary], out: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
-    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(out) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     return out
 
 
@@ -175,12 +171,7 @@ def _read_evaluation(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_text(path, json.dumps(data, indent=2, default=_plain) + "\n")
 
 
 def _plain(value):

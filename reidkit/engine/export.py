@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from reidkit.engine.extract import embed_images
 from reidkit.errors import ConfigError, ReidkitError
 from reidkit.models.attention import CSALR, newton_schulz_iterations
 from reidkit.models.net import ReidNet
+from reidkit.outputs import atomic_write
 
 # How many of the checkpoint's own query images check the export when no --check-images
 # folder is given: enough to meet the landmark matrices of typical inputs, few enough to be
@@ -201,37 +201,34 @@ def export_onnx(
             else ""
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         _set_solve_steps(net, steps)
-        with _quiet():
-            program = torch.onnx.export(
-                wrapper,
-                (example,),
-                input_names=["images"],
-                output_names=["features"],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-            )
-        model = program.model_proto
-        for key, value in metadata.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(model, str(temporary))
-        _set_solve_steps(net, None)  # PyTorch's own answer, by LU, to check against
-        min_cosine = _check(onnxruntime, temporary, wrapper, batches)
-        if min_cosine is not None and min_cosine < MIN_COSINE:
-            raise ReidkitError(
-                f"the exported model disagrees with PyTorch on {source} (worst cosine "
-                f"{min_cosine:.6f} < {MIN_COSINE}); nothing was written to {out}"
-            )
-        os.replace(temporary, out)
+        with atomic_write(out) as temporary:
+            with _quiet():
+                program = torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    input_names=["images"],
+                    output_names=["features"],
+                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                    opset_version=opset,
+                    dynamo=True,
+                    verbose=False,
+                )
+            model = program.model_proto
+            for key, value in metadata.items():
+                entry = model.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(model, str(temporary))
+            _set_solve_steps(net, None)  # PyTorch's own answer, by LU, to check against
+            min_cosine = _check(onnxruntime, temporary, wrapper, batches)
+            if min_cosine is not None and min_cosine < MIN_COSINE:
+                raise ReidkitError(
+                    f"the exported model disagrees with PyTorch on {source} (worst cosine "
+                    f"{min_cosine:.6f} < {MIN_COSINE}); nothing was written to {out}"
+                )
     finally:
         _set_solve_steps(net, None)
-        temporary.unlink(missing_ok=True)
     return ExportReport(
         path=out,
         seconds=time.perf_counter() - started,

@@ -16,7 +16,13 @@ from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model
 from reidkit.engine.extract import extract_features
 from reidkit.errors import DatasetError, IndexFolderError
-from reidkit.retrieval.index import build_index, load_index_folder, save_index_folder
+from reidkit.outputs import check_writable
+from reidkit.retrieval.index import (
+    build_index,
+    check_replaceable,
+    load_index_folder,
+    save_index_folder,
+)
 from reidkit.retrieval.visualize import MontageRow, save_ranked_montage_grid
 
 # Where `extract` writes without --out, and where `search` looks without --index.
@@ -91,6 +97,27 @@ def _name_ids(path: Path) -> tuple[int, int]:
     return parse_market_name(path.name) or (UNKNOWN, UNKNOWN)
 
 
+def check_index_out(out: Path, images: Path | None = None) -> None:
+    """Refuse an index destination that would delete something reidkit did not write.
+
+    `out` may be new or a reidkit index folder (which is replaced); never a file, a folder of
+    other files, the --images folder, a folder inside it, or a folder that holds it.
+    """
+    out = Path(out).expanduser()
+    if images is not None:
+        source, target = Path(images).expanduser().resolve(), out.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            where = (
+                "is" if target == source else "is inside" if source in target.parents else "holds"
+            )
+            raise IndexFolderError(
+                f"--out {out} {where} the --images folder {images}; writing the index there "
+                "would replace the images: choose an --out outside it"
+            )
+    check_replaceable(out)
+    check_writable("--out", out, folder=True)
+
+
 def build_gallery_index(
     checkpoint: Path,
     out: Path | None = None,
@@ -117,6 +144,8 @@ def build_gallery_index(
             "give either --dataset NAME (with --split) to embed a prepared dataset or "
             "--images FOLDER to embed a folder of images"
         )
+    out = Path(out) if out is not None else DEFAULT_INDEX
+    check_index_out(out, images)
     model, state = load_model(checkpoint)
     root = checkpoint_data_root(root, state.config.data.root)
     config = _eval_config(state.config, root=root, flip=flip, feature=feature)
@@ -149,7 +178,6 @@ def build_gallery_index(
         description=f"embed {len(rows):,} images",
     )
     index = build_index(features, index_kind or config.eval.index)
-    out = Path(out) if out is not None else DEFAULT_INDEX
     info = {
         "checkpoint": str(Path(checkpoint).expanduser().resolve()),
         "feature_kind": config.eval.feature,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +35,7 @@ from rich.progress import (
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from reidkit.config import RunConfig, config_to_dict, data_root
+from reidkit.config import RunConfig, apply_overrides, config_to_dict, data_root
 from reidkit.data.loading import (
     build_loader,
     epoch_seed,
@@ -52,14 +52,19 @@ from reidkit.engine.checkpoint import (
     save_checkpoint,
 )
 from reidkit.engine.losses import batch_hard_triplet_loss
-from reidkit.errors import ConfigError, ReidkitError
+from reidkit.errors import ConfigError, Interrupted, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
+from reidkit.outputs import atomic_write, check_writable, remove_stale_temporaries, write_text
 
-# Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation.
+# Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation
+# of the epochs already run. train.epochs may grow (an RPP run keeps its PCB stage's length:
+# the extra epochs go to its RPP stage, so train.rpp_epochs grows with it).
 RESUMABLE_CHANGES = {
     ("data", "workers"),
     ("data", "root"),
     ("train", "eval_every"),
+    ("eval", "batch_size"),
+    ("train", "epochs"),
 }
 
 
@@ -162,6 +167,24 @@ def _diverged(problem: str, epoch: int, fix: str) -> TrainingDiverged:
     return TrainingDiverged(f"{problem}; {saved}; {again} with {fix}")
 
 
+def _interrupted(files: RunFiles, completed: int, epoch: int) -> Interrupted:
+    """The one line for Ctrl-C: what last.pt keeps, what was dropped, the command to resume."""
+    # atomic_write removes its temporary on an interrupt, so no partial file is left
+    if completed > epoch:  # stopped while writing metrics.csv after the checkpoint
+        dropped = "nothing was lost"
+    else:
+        dropped = f"epoch {epoch + 1} was cut short and dropped, with no partial file left"
+    if completed == 0 or not files.checkpoint.exists():
+        return Interrupted(
+            f"interrupted in epoch {epoch + 1}: no epoch completed, so no checkpoint was saved; "
+            f"{dropped}; start again with the same command"
+        )
+    return Interrupted(
+        f"interrupted in epoch {epoch + 1}: {files.checkpoint} keeps epoch {completed}, the last "
+        f"complete one; {dropped}; resume with: reidkit train --out {files.folder} --resume"
+    )
+
+
 def _singular_landmarks(epoch: int, step: int, err: Exception) -> TrainingDiverged:
     """The one-line error for a CSALR landmark solve that failed in forward or backward."""
     # A_mm = softmax + cI is invertible in exact arithmetic, but with the paper's c = 1 its
@@ -259,6 +282,9 @@ def _fit(
     stop_after: int | None,
 ) -> Path:
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
+    check_writable("--out", files.folder, folder=True)
+    if place.is_main:
+        _remove_stale_temporaries(files.folder)
     device = _device(place)
     manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
     data = config.data
@@ -269,7 +295,7 @@ def _fit(
 
     start_epoch, history, state = 0, [], None
     if resume:
-        state = _resumable_checkpoint(files, config)
+        state, config = _resumable_checkpoint(files, config)
         start_epoch, history = state.epoch, list(state.history)
     elif files.checkpoint.exists():
         raise ConfigError(
@@ -295,7 +321,7 @@ def _fit(
 
     if place.is_main:
         files.folder.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
+        write_text(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
 
     amp_dtype = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -316,71 +342,79 @@ def _fit(
         if stop_after is None
         else min(config.train.epochs, start_epoch + stop_after)
     )
-    for epoch in range(start_epoch, end_epoch):
-        # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
-        # classifier's initialisation) follows from (seed, epoch): a resumed run replays it.
-        torch.manual_seed(epoch_seed(config.train.seed, epoch, place.rank))
-        stage = stage_of(config, epoch)
-        if stage != current_stage:
-            # Parameter sets change between stages (new part classifier, frozen trunk), so
-            # the optimiser and the DDP wrapper are rebuilt; momentum starts afresh.
-            _enter_stage(model, stage)
-            optimizer = _build_optimizer(model, config)
-            if state is not None and epoch == start_epoch and stage == saved_stage:
-                optimizer.load_state_dict(state.optimizer)
-            train_model = _wrap(model, place, device)
-            current_stage = stage
-        _set_learning_rate(optimizer, config, epoch)
-        loader = build_loader(
-            train_set,
-            "train",
-            config.data,
-            train=True,
-            batch_size=config.train.batch_size // place.world_size,
-            seed=config.train.seed,
-            epoch=epoch,
-            num_replicas=place.world_size,
-            rank=place.rank,
-            pin_memory=device.type == "cuda",
-        )
-        row = _train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            scaler,
-            config,
-            epoch=epoch,
-            stage=stage,
-            device=device,
-            amp_dtype=amp_dtype,
-            place=place,
-            progress=progress and place.is_main,
-        )
-        if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
-            row.update(_evaluate_during_training(model, config, device, place))
-        history.append(row)
-        if place.is_main and not warned_condition:
-            warned_condition = _warn_if_ill_conditioned(row, config)
-        if place.is_main:
-            save_checkpoint(
-                files.checkpoint,
-                Checkpoint(
-                    config=config,
-                    model=model.state_dict(),
-                    num_ids=num_ids,
-                    epoch=epoch + 1,
-                    head=model.head_kind,
-                    optimizer=optimizer.state_dict(),
-                    # The rate itself is a function of the epoch (learning_rate), so the
-                    # schedule's state is the epoch plus the fp16 loss scaler.
-                    scheduler={"epoch": epoch + 1, "scaler": scaler.state_dict()},
-                    rng=capture_rng(),
-                    history=history,
-                ),
+    completed = start_epoch  # epochs that last.pt holds
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
+            # classifier's initialisation) follows from (seed, epoch): a resumed run replays it.
+            torch.manual_seed(epoch_seed(config.train.seed, epoch, place.rank))
+            stage = stage_of(config, epoch)
+            if stage != current_stage:
+                # Parameter sets change between stages (new part classifier, frozen trunk), so
+                # the optimiser and the DDP wrapper are rebuilt; momentum starts afresh.
+                _enter_stage(model, stage)
+                optimizer = _build_optimizer(model, config)
+                if state is not None and epoch == start_epoch and stage == saved_stage:
+                    optimizer.load_state_dict(state.optimizer)
+                train_model = _wrap(model, place, device)
+                current_stage = stage
+            _set_learning_rate(optimizer, config, epoch)
+            loader = build_loader(
+                train_set,
+                "train",
+                config.data,
+                train=True,
+                batch_size=config.train.batch_size // place.world_size,
+                seed=config.train.seed,
+                epoch=epoch,
+                num_replicas=place.world_size,
+                rank=place.rank,
+                pin_memory=device.type == "cuda",
             )
-            _write_metrics(files, history)
-        if place.world_size > 1:
-            dist.barrier()
+            row = _train_one_epoch(
+                train_model,
+                loader,
+                optimizer,
+                scaler,
+                config,
+                epoch=epoch,
+                stage=stage,
+                device=device,
+                amp_dtype=amp_dtype,
+                place=place,
+                progress=progress and place.is_main,
+            )
+            if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
+                row.update(_evaluate_during_training(model, config, device, place))
+            history.append(row)
+            if place.is_main and not warned_condition:
+                warned_condition = _warn_if_ill_conditioned(row, config)
+            if place.is_main:
+                save_checkpoint(
+                    files.checkpoint,
+                    Checkpoint(
+                        config=config,
+                        model=model.state_dict(),
+                        num_ids=num_ids,
+                        epoch=epoch + 1,
+                        head=model.head_kind,
+                        optimizer=optimizer.state_dict(),
+                        # The rate itself is a function of the epoch (learning_rate), so the
+                        # schedule's state is the epoch plus the fp16 loss scaler.
+                        scheduler={"epoch": epoch + 1, "scaler": scaler.state_dict()},
+                        rng=capture_rng(),
+                        history=history,
+                    ),
+                )
+                completed = epoch + 1
+                _write_metrics(files, history)
+            if place.world_size > 1:
+                dist.barrier()
+    except KeyboardInterrupt:
+        if place.is_main:
+            raise _interrupted(files, completed, epoch) from None
+        raise
     return files.checkpoint
 
 
@@ -643,18 +677,69 @@ def _amp_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> Checkpoint:
+def resume_config(folder: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config a resumed run continues with: its checkpoint's own, with safe `--set`s.
+
+    Only RESUMABLE_CHANGES may change; any other key given a new value is refused, naming it,
+    because the epochs already trained were optimised under it (repeating the run's own value
+    is harmless). A longer train.epochs extends the run.
+    """
+    files = RunFiles(Path(folder))
+    if not files.checkpoint.exists():
+        raise ConfigError(
+            f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
+        )
+    saved = load_checkpoint(files.checkpoint).config
+    for item in overrides:
+        dotted = item.split("=", 1)[0].strip()
+        section, _, key = dotted.partition(".")
+        if (section, key) not in RESUMABLE_CHANGES and apply_overrides(saved, [item]) != saved:
+            safe = ", ".join(f"{s}.{k}" for s, k in sorted(RESUMABLE_CHANGES))
+            raise ConfigError(
+                f"--resume: --set {dotted} cannot change for a run that has already trained "
+                f"under it; a resumed run may change only {safe}; start a new run with --out"
+            )
+    config = apply_overrides(saved, overrides)
+    return _extended(saved, config)
+
+
+def _extended(saved: RunConfig, config: RunConfig) -> RunConfig:
+    """`config` with a changed train.epochs checked, and for RPP the PCB stage kept."""
+    added = config.train.epochs - saved.train.epochs
+    if added < 0:
+        raise ConfigError(
+            f"--resume: train.epochs={config.train.epochs} is fewer than the run's "
+            f"{saved.train.epochs}; a resumed run may only be extended"
+        )
+    if added and config.model.head == "rpp" and config.train.rpp_epochs == saved.train.rpp_epochs:
+        train = replace(config.train, rpp_epochs=saved.train.rpp_epochs + added)
+        config = replace(config, train=train)
+    return config
+
+
+def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> tuple[Checkpoint, RunConfig]:
+    """The checkpoint to resume and the config to go on with (an extended RPP run keeps its
+    PCB stage); a change outside RESUMABLE_CHANGES is refused, naming the keys."""
     if not files.checkpoint.exists():
         raise ConfigError(
             f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
         )
     state = load_checkpoint(files.checkpoint)
+    config = _extended(state.config, config)
     saved, wanted = config_to_dict(state.config), config_to_dict(config)
+    # an RPP run extended by _extended has its rpp_epochs grown with train.epochs
+    extended_rpp = (
+        wanted["model"]["head"] == "rpp"
+        and wanted["train"]["rpp_epochs"] - saved["train"]["rpp_epochs"]
+        == wanted["train"]["epochs"] - saved["train"]["epochs"]
+    )
     changed = [
         f"{section}.{key}"
         for section in ("data", "model", "attention", "train")
         for key in wanted[section]
-        if wanted[section][key] != saved[section][key] and (section, key) not in RESUMABLE_CHANGES
+        if wanted[section][key] != saved[section][key]
+        and (section, key) not in RESUMABLE_CHANGES
+        and not ((section, key) == ("train", "rpp_epochs") and extended_rpp)
     ]
     if changed:
         raise ConfigError(
@@ -664,9 +749,9 @@ def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> Checkpoint:
     if state.epoch >= config.train.epochs:
         raise ConfigError(
             f"--resume: {files.checkpoint} already completed all {config.train.epochs} epochs; "
-            "raise train.epochs to train longer"
+            "resume with --set train.epochs=N (more than that) to train longer"
         )
-    return state
+    return state, config
 
 
 def _evaluate_during_training(
@@ -681,11 +766,24 @@ def _evaluate_during_training(
     return {"rank1": float(report.metrics.cmc[0]), "mAP": float(report.metrics.mAP)}
 
 
+def _remove_stale_temporaries(folder: Path) -> None:
+    """A run killed mid-write (kill -9, power cut) leaves its temporary file, as large as a
+    checkpoint; remove reidkit's own of the run folder and say so in one line."""
+    removed = remove_stale_temporaries(folder)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        Console(stderr=True).print(
+            f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted "
+            f"run: {names}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
     frame = pd.DataFrame(history)
-    temporary = files.metrics.with_name(f".{files.metrics.name}.tmp")
-    frame.to_csv(temporary, index=False)
-    os.replace(temporary, files.metrics)
+    with atomic_write(files.metrics) as temporary:
+        frame.to_csv(temporary, index=False)
     save_curves(frame, files.curves)
 
 
@@ -739,16 +837,11 @@ def save_curves(frame: pd.DataFrame, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    os.replace(temporary, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    try:
+        with atomic_write(path) as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _toml_safe(value):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pandas as pd
 
 from reidkit import __version__
 from reidkit.errors import IndexFolderError, ReidkitError
+from reidkit.outputs import temporary_path
 
 if TYPE_CHECKING:
     import faiss
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "exact")
 META_COLUMNS: tuple[str, ...] = ("path", "pid", "camid")
 FOLDER_FILES: tuple[str, ...] = ("index.faiss", "meta.csv", "features.npy", "info.json")
+# Written into every index folder: only a folder carrying it may be replaced by a new index,
+# so `extract --out` never deletes a folder of someone's files (or its own --images).
+INDEX_MARKER = ".reidkit-index"
 # info.json keys the caller supplies; save_index_folder adds the rest (see INFO_KEYS).
 CALLER_INFO_KEYS: tuple[str, ...] = ("checkpoint", "feature_kind")
 INFO_KEYS: tuple[str, ...] = (
@@ -323,6 +326,26 @@ def _rebuild_hint(folder: Path, info: dict[str, Any] | None = None) -> str:
     return f"rebuild it with `reidkit extract {checkpoint} --out {folder}`"
 
 
+def is_index_folder(folder: Path) -> bool:
+    """True for a folder written by `save_index_folder` (it carries INDEX_MARKER)."""
+    return folder.is_dir() and (folder / INDEX_MARKER).is_file()
+
+
+def check_replaceable(folder: Path, option: str = "--out") -> None:
+    """Refuse a destination that exists and is not a reidkit index folder; it is never deleted."""
+    folder = Path(folder)
+    if not os.path.lexists(folder) or is_index_folder(folder):
+        return
+    if folder.is_dir():
+        what = f"a folder without reidkit's {INDEX_MARKER} marker, so not an index it wrote"
+    else:
+        what = "a file"
+    raise IndexFolderError(
+        f"{option} {folder} exists and is {what}; reidkit replaces only its own index "
+        "folders: choose a new path"
+    )
+
+
 def save_index_folder(
     folder: str | Path,
     index: SearchIndex,
@@ -373,10 +396,11 @@ def save_index_folder(
         **search_params,
     }
 
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: the folder is renamed into place and should get the umask's
     # permissions (others may read a shared index), not mkdtemp's owner-only 0700
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = temporary_path(folder)
     tmp.mkdir()
     old: Path | None = None
     try:
@@ -387,6 +411,9 @@ def save_index_folder(
         np.save(tmp / "features.npy", features, allow_pickle=False)
         (tmp / "info.json").write_text(
             json.dumps(full_info, indent=2, sort_keys=True, default=str) + "\n"
+        )
+        (tmp / INDEX_MARKER).write_text(
+            "a gallery index written by `reidkit extract`; it may replace this folder\n"
         )
         if folder.exists():
             # A directory cannot be renamed onto a non-empty one: move the old aside first,

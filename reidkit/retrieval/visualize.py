@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from reidkit.errors import DatasetError
+from reidkit.outputs import atomic_write
 
 MATCH_COLOUR = (0, 170, 0)  # same pid as the query
 MISMATCH_COLOUR = (220, 0, 0)  # another pid
@@ -36,22 +34,11 @@ class MontageRow:
     scores: Sequence[float] | None = None
 
 
-def _atomic_write(out_path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through a temporary file beside `out_path`, then rename it into place."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # a plain exclusive open, not mkstemp: the file keeps the umask's permissions (mkstemp's
-    # are owner-only 0600, and the rename would carry them to the picture)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    handle = open(tmp, "xb")  # before the try: only a file this call made is removed
-    try:
-        with handle:
-            write(handle)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+def _write_png(out_path: str | Path, save: Callable[[Path], None]) -> Path:
+    """`save(temporary)` writes the PNG; it is renamed onto `out_path` (reidkit.outputs)."""
+    with atomic_write(out_path) as temporary:
+        save(temporary)
+    return Path(out_path)
 
 
 def _load_tile(path: str | Path, size: tuple[int, int]) -> Image.Image:
@@ -130,7 +117,7 @@ def save_ranked_montage_grid(
 ) -> Path:
     """Write a PNG montage with one row per query (see `render_ranked_montage`), atomically."""
     image = render_ranked_montage(rows, size)
-    return _atomic_write(out_path, lambda handle: image.save(handle, format="PNG"))
+    return _write_png(out_path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def save_ranked_montage(
@@ -175,7 +162,7 @@ def save_cmc_curve(
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    return _atomic_write(out_path, lambda handle: figure.savefig(handle, format="png"))
+    return _write_png(out_path, lambda temporary: figure.savefig(temporary, format="png"))
 
 
 POINT_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
@@ -240,4 +227,4 @@ def save_attention_figure(
     if title:
         figure.suptitle(title, fontsize=8)
     figure.tight_layout()
-    return _atomic_write(out_path, lambda handle: figure.savefig(handle, format="png"))
+    return _write_png(out_path, lambda temporary: figure.savefig(temporary, format="png"))

@@ -55,7 +55,7 @@ def test_junk_is_dropped_distractors_kept_and_non_images_ignored(market_zip):
     assert record["junk"] == 1 and record["dataset"] == "market1501"
 
 
-def test_count_mismatch_writes_no_manifest_and_rerun_reuses_the_extraction(market_zip):
+def test_count_mismatch_from_an_archive_leaves_nothing_in_root(market_zip):
     with pytest.raises(CountMismatchError) as err:
         prepare("market1501", market_zip)
     rows = {what: (published, found) for what, published, found in err.value.rows}
@@ -63,11 +63,19 @@ def test_count_mismatch_writes_no_manifest_and_rerun_reuses_the_extraction(marke
     assert rows["query identities"] == (750, 2)
     assert rows["gallery images"] == (15_913, 3)
     assert "--allow-mismatch" in str(err.value)
-    assert not (market_zip / "market1501" / "manifest.csv").exists()
-    (market_zip / f"{MARKET}.zip").unlink()  # the second run must not need the archive
+    assert sorted(p.name for p in market_zip.iterdir()) == [f"{MARKET}.zip"]  # nothing else
     result = prepare("market1501", market_zip, allow_mismatch=True)
     assert not result.verified and not result.reused
     assert any("accepted (--allow-mismatch)" in w for w in result.warnings)
+
+
+def test_an_extraction_left_by_an_older_reidkit_is_reused(market_zip):
+    # earlier versions moved the extracted folder into ROOT/NAME before verifying
+    prepare("market1501", market_zip, allow_mismatch=True)
+    (market_zip / "market1501" / "manifest.csv").unlink()
+    (market_zip / f"{MARKET}.zip").unlink()  # the second run must not need the archive
+    result = prepare("market1501", market_zip, allow_mismatch=True)
+    assert not result.verified and not result.reused
 
 
 def test_folder_source_is_not_copied_and_paths_are_absolute(tmp_path, helpers):
@@ -108,7 +116,7 @@ def test_rerun_reuses_the_manifest_without_reading_images(market_zip):
     again = prepare("market", market_zip, allow_mismatch=True)
     assert again.reused and again.splits == first.splits and again.manifest == first.manifest
     with pytest.raises(DatasetError, match=str(image)):
-        prepare("market", market_zip, allow_mismatch=True, check_images=True)
+        prepare("market", market_zip, allow_mismatch=True, check_images=True)  # decode again
     with pytest.raises(CountMismatchError):  # reuse still verifies the counts
         prepare("market", market_zip)
     image.unlink()
@@ -124,20 +132,45 @@ def test_corrupt_image_fails_with_its_path_and_no_manifest(tmp_path, helpers):
     root = tmp_path / "root"
     with pytest.raises(DatasetError) as err:
         prepare("market", root, source=archive, allow_mismatch=True)
-    assert str(root / "market1501" / bad) in str(err.value)
-    assert not (root / "market1501" / "manifest.csv").exists()
+    assert f"m.tar.gz: entry {bad} is not a readable image" in str(err.value)
+    assert not root.exists() or list(root.iterdir()) == []  # nothing extracted is left
 
 
-def test_truncated_image_passes_the_header_check_but_not_the_full_decode(tmp_path, helpers):
+def jpeg_cut_to(fraction: float) -> bytes:
     noise = np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    return data[: int(len(data) * fraction)]
+
+
+def test_a_jpeg_cut_to_60_percent_is_refused_by_default_and_passes_the_quick_check(
+    tmp_path, helpers
+):
     entries = helpers.small_market()
-    entries[f"{MARKET}/query/0003_c1s1_000101_00.jpg"] = buffer.getvalue()[:2000]
+    entries[f"{MARKET}/query/0003_c1s1_000101_00.jpg"] = jpeg_cut_to(0.6)
     source = helpers.write_tree(tmp_path / "src", entries)
-    assert prepare("market", tmp_path / "a", source=source, allow_mismatch=True).manifest.exists()
     with pytest.raises(DatasetError, match="0003_c1s1_000101_00.jpg is not a readable image"):
-        prepare("market", tmp_path / "b", source=source, allow_mismatch=True, check_images=True)
+        prepare("market", tmp_path / "a", source=source, allow_mismatch=True)
+    assert not (tmp_path / "a" / "market1501" / "manifest.csv").exists()
+    quick = prepare("market", tmp_path / "b", source=source, allow_mismatch=True, quick_check=True)
+    assert quick.manifest.exists()
+
+
+def test_the_parallel_check_names_the_first_bad_image_in_manifest_order(tmp_path, monkeypatch):
+    from reidkit.data import prepare as prepare_module
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (8, 16)).save(good)
+    paths = [str(good)] * 300
+    for index in (250, 120, 199):  # found in any order by the threads
+        bad = tmp_path / f"bad{index}.jpg"
+        bad.write_bytes(jpeg_cut_to(0.6))
+        paths[index] = str(bad)
+    monkeypatch.setattr(prepare_module, "CHECK_THREADS", 4)
+    with pytest.raises(DatasetError, match=r"bad120\.jpg is not a readable image"):
+        prepare_module._check_images(paths, full=True, progress=False)
+    prepare_module._check_images(paths, full=False, progress=False)  # headers are intact
 
 
 def unsafe_cases():

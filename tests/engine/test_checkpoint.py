@@ -108,9 +108,9 @@ def test_process_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path: P
     assert child.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 30
     # wait until the temporary file is being written, then kill the writer
-    while not list(tmp_path.glob(".last.pt.tmp-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".last.pt.reidkit-tmp-*")) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert list(tmp_path.glob(".last.pt.tmp-*")), "the child never started writing"
+    assert list(tmp_path.glob(".last.pt.reidkit-tmp-*")), "the child never started writing"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL
@@ -137,7 +137,7 @@ def test_pickled_object_is_refused_without_running_it(tmp_path: Path):
 def test_plain_state_dict_is_not_a_reidkit_checkpoint(tmp_path: Path):
     path = tmp_path / "weights.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    with pytest.raises(CheckpointError, match="is not a reidkit checkpoint"):
+    with pytest.raises(CheckpointError, match="is a PyTorch file but not a reidkit checkpoint"):
         load_checkpoint(path)
 
 
@@ -146,7 +146,7 @@ def test_truncated_file_is_reported(tmp_path: Path):
     save_checkpoint(path, small_checkpoint())
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch file"):
+    with pytest.raises(CheckpointError, match="is truncated or damaged"):
         load_checkpoint(path)
 
 

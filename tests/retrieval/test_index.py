@@ -298,7 +298,7 @@ def test_killed_save_leaves_only_a_hidden_partial_that_does_not_load(good_folder
         save_index_folder(good_folder, build_index(features), features, meta_for(25), INFO)
     assert load_index_folder(good_folder).info["num_rows"] == 40  # the previous one, intact
     (partial,) = [p for p in good_folder.parent.iterdir() if p.name != "gallery"]
-    assert partial.name.startswith(".gallery.tmp-")
+    assert partial.name.startswith(".gallery.reidkit-tmp-")
     with pytest.raises(IndexFolderError, match="features.npy, info.json missing"):
         load_index_folder(partial)
 

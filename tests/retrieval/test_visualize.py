@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_montage_write_is_atomic(tmp_path, images, monkeypatch):
     before = (tmp_path / "m.png").read_bytes()
 
     def broken_save(self, fp, format=None, **params):  # noqa: A002 - PIL's own name
-        fp.write(b"half a png")
+        Path(fp).write_bytes(b"half a png")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
