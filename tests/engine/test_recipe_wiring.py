@@ -47,8 +47,8 @@ TrainConfig
   rpp_classifier_epochs (frozen phase)
                     test_fit_rpp_classifier_phase_changes_only_the_part_classifier
   batch_size        test_fit_records_batches_of_the_configured_size_and_sampler
-  grad_clip         test_fit_clips_the_global_gradient_norm_to_grad_clip
-  seed              test_fit_initial_weights_follow_the_seed
+  grad_clip         test_fit_clips_to_grad_clip_and_initialises_from_the_seed
+  seed              test_fit_clips_to_grad_clip_and_initialises_from_the_seed
   amp, channels_last  ignored on the CPU (config.py says so); CUDA-only paths
   eval_every        evaluation, not training: tests/engine/test_train.py
                     (test_evaluation_during_training_is_recorded_per_evaluated_epoch)
@@ -659,19 +659,16 @@ def test_recompute_reruns_attention_in_backward(tiny_config, monkeypatch):
 # ---- other training settings through fit ----------------------------------------------------
 
 
-def test_fit_clips_the_global_gradient_norm_to_grad_clip(tiny_config, tmp_path: Path, monkeypatch):
+def test_fit_clips_to_grad_clip_and_initialises_from_the_seed(
+    tiny_config, tmp_path: Path, monkeypatch
+):
     clip = 1e-3  # far below the gradient norm of an untrained net, so every step is clipped
-    run = record_fit(
-        tiny_config("train.epochs=1", f"train.grad_clip={clip}"), tmp_path / "run", monkeypatch
-    )
+    config = tiny_config("train.epochs=1", f"train.grad_clip={clip}", "train.seed=17")
+    run = record_fit(config, tmp_path / "run", monkeypatch)
     for grads in run["epochs"][0]["grads"]:
         norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         assert norm == pytest.approx(clip, rel=1e-3)
-
-
-def test_fit_initial_weights_follow_the_seed(tiny_config, tmp_path: Path, monkeypatch):
-    config = tiny_config("train.epochs=1", "train.seed=17")
-    run = record_fit(config, tmp_path / "run", monkeypatch)
+    # the run's initial weights are those of the model built right after seeding with 17
     torch.manual_seed(17)
     expected = build_model(config, 8).state_dict()
     start = run["epochs"][0]["before"]
