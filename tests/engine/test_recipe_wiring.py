@@ -57,36 +57,59 @@ Deliberate breakages tried, one at a time, each reverted (the test that failed):
   - omentum hard-coded 0.9: test_fit_stages_schedule_and_optimiser_follow_the_config
   - weight decay hard-coded 1e-4: test_fit_stages_schedule_and_optimiser_follow_the_config
   - nesterov on: test_fit_stages_schedule_and_optimiser_follow_the_config
-  - attention_lr_mult dropped (attention at the trunk's rate): test_fit_stages_schedule_and_optimiser_follow_the_config
+  - attention_lr_mult dropped (attention at the trunk's rate):
+      test_fit_stages_schedule_and_optimiser_follow_the_config
   - trunk_lr_mult dropped (trunk at 1x): test_fit_stages_schedule_and_optimiser_follow_the_config
-  - attention params counted in the new group: test_fit_stages_schedule_and_optimiser_follow_the_config
+  - attention params counted in the new group:
+      test_fit_stages_schedule_and_optimiser_follow_the_config
   - gamma ignored (0.1): test_fit_stages_schedule_and_optimiser_follow_the_config
   - step_size ignored (40): test_fit_stages_schedule_and_optimiser_follow_the_config
   - RPP stage restarts the schedule: test_fit_stages_schedule_and_optimiser_follow_the_config
-  - RPP classifier-alone phase skipped: test_fit_rpp_classifier_phase_changes_only_the_part_classifier, test_fit_stages_schedule_and_optimiser_follow_the_config
-  - RPP classifier phase does not freeze: test_fit_rpp_classifier_phase_changes_only_the_part_classifier
-  - frozen modules left in train mode (BN stats move): test_fit_rpp_classifier_phase_changes_only_the_part_classifier
+  - RPP classifier-alone phase skipped:
+      test_fit_rpp_classifier_phase_changes_only_the_part_classifier
+      test_fit_stages_schedule_and_optimiser_follow_the_config
+  - RPP classifier phase does not freeze:
+      test_fit_rpp_classifier_phase_changes_only_the_part_classifier
+  - frozen modules left in train mode (BN stats move):
+      test_fit_rpp_classifier_phase_changes_only_the_part_classifier
   - ds weight 1.0 at the call site: test_fit_loss_is_eq_18_with_the_configured_ds_weight
-  - ds weight only in the logged loss, not in backward: test_fit_loss_is_eq_18_with_the_configured_ds_weight
+  - ds weight only in the logged loss, not in backward:
+      test_fit_loss_is_eq_18_with_the_configured_ds_weight
   - grad_clip ignored: test_fit_clips_to_grad_clip_and_initialises_from_the_seed
   - seed ignored: test_fit_clips_to_grad_clip_and_initialises_from_the_seed
-  - landmark_weight not passed: test_csalr_module_computes_eq_11_17_with_the_configured_settings, test_fit_builds_modules_with_the_configured_settings
-  - groups not passed: test_csalr_module_computes_eq_11_17_with_the_configured_settings, test_fit_builds_modules_with_the_configured_settings
-  - qk_ratio not passed: test_csalr_module_computes_eq_11_17_with_the_configured_settings, test_fit_builds_modules_with_the_configured_settings
-  - grid hard-coded 3x2: test_csalr_module_computes_eq_11_17_with_the_configured_settings, test_fit_builds_modules_with_the_configured_settings
+  - landmark_weight not passed:
+      test_csalr_module_computes_eq_11_17_with_the_configured_settings
+      test_fit_builds_modules_with_the_configured_settings
+  - groups not passed:
+      test_csalr_module_computes_eq_11_17_with_the_configured_settings
+      test_fit_builds_modules_with_the_configured_settings
+  - qk_ratio not passed:
+      test_csalr_module_computes_eq_11_17_with_the_configured_settings
+      test_fit_builds_modules_with_the_configured_settings
+  - grid hard-coded 3x2:
+      test_csalr_module_computes_eq_11_17_with_the_configured_settings
+      test_fit_builds_modules_with_the_configured_settings
   - projection not passed: test_csalr_projection_is_the_same_function
   - bases not passed: test_build_model_attention_kind_and_stages
   - deep_supervision ignored: test_build_model_attention_kind_and_stages
   - recompute not passed: test_recompute_reruns_attention_in_backward
-  - dropout not passed to the head: test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
-  - dropout after the reduction instead of before: test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
+  - dropout not passed to the head:
+      test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
+  - dropout after the reduction instead of before:
+      test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
   - shared_reduction not passed: test_build_model_takes_arch_last_stride_parts_reduced_and_head
   - last_stride not passed: test_build_model_takes_arch_last_stride_parts_reduced_and_head
   - weights ignored: test_build_model_loads_the_configured_weight_file
-  - flip probability ignored (0.5): test_fit_training_images_are_flipped_and_erased_as_configured, test_loader_flip_probability_reaches_the_images
-  - flip not passed to the transform: test_fit_training_images_are_flipped_and_erased_as_configured, test_loader_flip_probability_reaches_the_images
+  - flip probability ignored (0.5):
+      test_fit_training_images_are_flipped_and_erased_as_configured
+      test_loader_flip_probability_reaches_the_images
+  - flip not passed to the transform:
+      test_fit_training_images_are_flipped_and_erased_as_configured
+      test_loader_flip_probability_reaches_the_images
   - random_erasing not passed: test_fit_training_images_are_flipped_and_erased_as_configured
-  - erasing always on: test_fit_training_images_are_flipped_and_erased_as_configured, test_loader_erasing_off_leaves_images_untouched
+  - erasing always on:
+      test_fit_training_images_are_flipped_and_erased_as_configured
+      test_loader_erasing_off_leaves_images_untouched
   - pad_crop not passed: test_loader_pad_crop_shifts_images_within_the_padding
   - identity sampler ignored: test_fit_records_batches_of_the_configured_size_and_sampler
   - instances ignored (4): test_fit_records_batches_of_the_configured_size_and_sampler
