@@ -54,7 +54,7 @@ TrainConfig
                     (test_evaluation_during_training_is_recorded_per_evaluated_epoch)
 
 Deliberate breakages tried, one at a time, each reverted (the test that failed):
-  - omentum hard-coded 0.9: test_fit_stages_schedule_and_optimiser_follow_the_config
+  - momentum hard-coded 0.9: test_fit_stages_schedule_and_optimiser_follow_the_config
   - weight decay hard-coded 1e-4: test_fit_stages_schedule_and_optimiser_follow_the_config
   - nesterov on: test_fit_stages_schedule_and_optimiser_follow_the_config
   - attention_lr_mult dropped (attention at the trunk's rate):
