@@ -113,6 +113,7 @@ def test_gallery_index_search_agrees_with_the_distance_ranking(
 ):
     index = build_gallery_index(tiny_checkpoint, tmp_path / "index", dataset="tiny", progress=False)
     assert sorted(p.name for p in index.iterdir()) == [
+        ".reidkit-index",  # the marker that lets a later extract replace it
         "features.npy",
         "index.faiss",
         "info.json",

@@ -20,8 +20,8 @@ def test_the_bar_shows_the_running_epoch_mean_of_the_loss(tiny_config, tmp_path:
     def recording_bar(enabled, epoch, epochs, stage, steps):
         yield lambda **fields: shown.append(fields["loss"])
 
-    def recorded_loss(output, labels, ds_weight):
-        losses = reid_loss(output, labels, ds_weight)
+    def recorded_loss(output, labels, ds_weight, **options):
+        losses = reid_loss(output, labels, ds_weight, **options)
         batch_losses.append((losses["loss"].item(), labels.numel()))
         return losses
 
