@@ -63,6 +63,33 @@ def check_choice(option: str, value: str | None, values: tuple[str, ...]) -> Non
         raise fail(ValueError(f"{option} {value!r}: choose {listed}"), 2)
 
 
+# Options that evaluate and extract share; each defaults to what the checkpoint says.
+CheckpointDataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
+        "training root, else ~/data)",
+    ),
+]
+CheckpointFlip = Annotated[
+    bool | None,
+    typer.Option(
+        "--flip/--no-flip",
+        help="average with mirrored images; default: the checkpoint's eval.flip",
+    ),
+]
+CheckpointFeature = Annotated[
+    str | None,
+    typer.Option(
+        "--feature",
+        help="g: pooled parts (global head: before BNNeck); h: reduced (after it); "
+        "default: the checkpoint's eval.feature",
+        metavar=choices(FEATURES),
+    ),
+]
+
+
 def interrupted(message: str) -> typer.Exit:
     """Ctrl-C: one line saying what was kept, cleaned up and how to go on; exit code 130."""
     err_console.print(f"[yellow]{escape(message)}[/]", highlight=False, soft_wrap=True)
@@ -345,20 +372,8 @@ def evaluate(
     dataset: Annotated[
         str | None, typer.Option(help="prepared dataset (default: the one it was trained on)")
     ] = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option(
-            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
-            "training root, else ~/data)"
-        ),
-    ] = None,
-    flip: Annotated[
-        bool | None,
-        typer.Option(
-            "--flip/--no-flip",
-            help="average with mirrored images; default: the checkpoint's eval.flip",
-        ),
-    ] = None,
+    data_root: CheckpointDataRoot = None,
+    flip: CheckpointFlip = None,
     ap_mode: Annotated[
         str | None,
         typer.Option(
@@ -374,14 +389,7 @@ def evaluate(
             help="k-reciprocal re-ranking (k1=20, k2=6); default: the checkpoint's eval.rerank",
         ),
     ] = None,
-    feature: Annotated[
-        str | None,
-        typer.Option(
-            help="g: pooled parts (global head: before BNNeck); h: reduced (after it); "
-            "default: the checkpoint's eval.feature",
-            metavar=choices(FEATURES),
-        ),
-    ] = None,
+    feature: CheckpointFeature = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="also write the results here")
     ] = None,
@@ -433,13 +441,7 @@ def extract(
     out: Annotated[
         Path | None, typer.Option(help="index folder (default: runs/index, where search looks)")
     ] = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option(
-            help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
-            "training root, else ~/data)"
-        ),
-    ] = None,
+    data_root: CheckpointDataRoot = None,
     index: Annotated[
         str | None,
         typer.Option(
@@ -448,21 +450,8 @@ def extract(
             metavar=choices(INDEX_KINDS),
         ),
     ] = None,
-    flip: Annotated[
-        bool | None,
-        typer.Option(
-            "--flip/--no-flip",
-            help="average with mirrored images; default: the checkpoint's eval.flip",
-        ),
-    ] = None,
-    feature: Annotated[
-        str | None,
-        typer.Option(
-            help="g: pooled parts (global head: before BNNeck); h: reduced (after it); "
-            "default: the checkpoint's eval.feature",
-            metavar=choices(FEATURES),
-        ),
-    ] = None,
+    flip: CheckpointFlip = None,
+    feature: CheckpointFeature = None,
 ) -> None:
     """Embed a dataset split or an image folder into a FAISS gallery index folder."""
     from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index
