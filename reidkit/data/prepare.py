@@ -26,8 +26,9 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -199,29 +200,13 @@ def _prepare_official(
         verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
         _check_images(frame["path"], full=images != "quick", progress=progress)
     else:
-        # An archive is extracted, read, verified and checked in a staging folder and moved
-        # into ROOT/NAME only then: a count mismatch or a bad image leaves nothing in ROOT.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = _staging(folder)
-        try:
-            links = extract_archive(source, staging, progress=progress)
-            if links:
-                warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+        with _staged_extraction(source, folder, warnings, progress) as staging:
             base = _find_layout(staging, spec, layout, str(source))
             frame, junk = _scan_layout(base, spec.extensions)
             verified = _verify_counts(frame, layout.counts, spec.title, allow_mismatch, warnings)
-            staged = os.path.join(staging, "")
-            _check_images(
-                frame["path"],
-                full=images != "quick",
-                progress=progress,
-                shown_as=lambda p: f"{source.name}: entry {p[len(staged) :]}",
-            )
+            _check_staged_images(frame, staging, source, images, progress)
             _move_into(staging, folder, spec.title)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        old, new = os.path.join(staging, ""), os.path.join(folder, "")
-        frame["path"] = [new + p[len(old) :] for p in frame["path"]]
+        frame["path"] = _rebased(frame["path"], staging, folder)
     record = {"dataset": spec.name, "variant": variant, "source": str(source), "junk": junk}
     manifest = _write(folder, frame, record, verified=verified, notes=[])
     return PreparedDataset(
@@ -409,21 +394,13 @@ def _prepare_listed(
         verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
         _check_images(frame["path"], full=images != "quick", progress=progress)
     else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = _staging(folder)
-        try:
-            links = extract_archive(source, staging, progress=progress)
-            if links:
-                warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+        with _staged_extraction(source, folder, warnings, progress) as staging:
             base, release = _find_release(staging, spec, str(source))
             frame, junk = _scan_lists(base, release, spec)
             verified = _verify_counts(frame, spec.counts, spec.title, allow_mismatch, warnings)
-            _check_images(frame["path"], full=images != "quick", progress=progress)
+            _check_staged_images(frame, staging, source, images, progress)
             _move_into(staging, folder, spec.title)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        old, new = os.path.join(staging, ""), os.path.join(folder, "")
-        frame["path"] = [new + p[len(old) :] for p in frame["path"]]
+        frame["path"] = _rebased(frame["path"], staging, folder)
     record = {
         "dataset": spec.name,
         "variant": None,
@@ -956,6 +933,45 @@ def _check_owner(folder: Path, dataset: str, variant: str | None) -> None:
 def _staging(folder: Path) -> Path:
     """A fresh folder beside `folder`, renamed into place only when complete."""
     return Path(tempfile.mkdtemp(prefix=f".{folder.name}-", suffix=_PARTIAL, dir=folder.parent))
+
+
+@contextmanager
+def _staged_extraction(
+    source: Path, folder: Path, warnings: list[str], progress: bool
+) -> Iterator[Path]:
+    """`source` extracted into a staging folder beside `folder`, removed on the way out.
+
+    The caller reads, verifies and checks it there and moves it into ROOT/NAME only then, so
+    a count mismatch or a bad image leaves nothing in ROOT.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(folder)
+    try:
+        links = extract_archive(source, staging, progress=progress)
+        if links:
+            warnings.append(f"skipped {links:,} link(s) inside {source.name}: images are files")
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_staged_images(
+    frame: pd.DataFrame, staging: Path, source: Path, images: ImageCheck, progress: bool
+) -> None:
+    """`_check_images` on extracted files, a bad one named by its entry in the archive."""
+    staged = os.path.join(staging, "")
+    _check_images(
+        frame["path"],
+        full=images != "quick",
+        progress=progress,
+        shown_as=lambda p: f"{source.name}: entry {p[len(staged) :]}",
+    )
+
+
+def _rebased(paths: pd.Series, staging: Path, folder: Path) -> list[str]:
+    """Paths under the (moved) staging folder, as they now lie under `folder`."""
+    old, new = os.path.join(staging, ""), os.path.join(folder, "")
+    return [new + p[len(old) :] for p in paths]
 
 
 def _leftovers(folder: Path) -> list[str]:

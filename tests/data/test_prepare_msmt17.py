@@ -239,3 +239,18 @@ def test_missing_list_file_is_named(tmp_path, helpers):
 def test_variant_does_not_apply(tmp_path):
     with pytest.raises(DatasetError, match="cuhk03-np only"):
         prepare(tmp_path, variant="labeled")
+
+
+def test_a_bad_image_in_the_archive_is_named_by_its_entry_and_nothing_is_left(
+    tmp_path, helpers, small_counts
+):
+    entries = small_msmt17(helpers)
+    bad = f"MSMT17_V1/test/{msmt17_name(0, 4, 10)}"
+    entries[bad] = b"not a jpeg"
+    root = tmp_path / "root"
+    root.mkdir()
+    helpers.build_archive(root / "MSMT17_V1.tar.gz", entries)
+    with pytest.raises(DatasetError) as err:
+        prepare(root)
+    assert f"MSMT17_V1.tar.gz: entry {bad} is not a readable image" in str(err.value)
+    assert sorted(p.name for p in root.iterdir()) == ["MSMT17_V1.tar.gz"]  # no staging left
