@@ -22,14 +22,17 @@ Recipes (the shipped preset of that name, then the settings below, the same for 
     bot-csalr  the same + CSALR after stages 1-3 with deep supervision
 
 Chosen for a CPU budget, the same for every recipe: ResNet-18 from scratch (no ImageNet
-weights can be had offline) at 128x64, last stride 1 (stage maps 32x16, 16x8, 8x4; PCB's six
-stripes pool the 8-row final map adaptively). CSALR's 4x4 landmark grid pools 8x4, 4x2 and
-2x1 patches there, the patches of the paper's 12x8 grid at 384x128, with landmark weight 2
-(from scratch the paper's 1 turns A_mm singular). Batch 64 for all. Every layer is new, so the
-trunk and the modules train at the full rate (multipliers 1), with the global gradient norm
-clipped at 10 (as the smoke preset: from scratch, SGD at 0.1 meets rare spikes that would
-end a run). The bot recipe's 10-pixel pad at 256x128 becomes 5 pixels at half the size. It
-trains on the CPU (torch's threads: all cores unless OMP_NUM_THREADS says otherwise).
+weights can be had offline) at 96x32, the paper's 384x128 at a quarter of its side, last
+stride 1. The stage maps are 24x8, 12x4 and 6x2, so PCB's six stripes are one row each of
+the final map, and CSALR's 3x2 landmark grid pools 8x4, 4x2 and 2x1 patches there: the
+patches of the paper's 12x8 grid at 384x128. Landmark weight 2 (from scratch the paper's 1
+turns A_mm singular). 96x32 trains about 3.5 times as many images per CPU second as 128x64
+(on one thread here: roughly 45 against 12.6), which is what moves a 20-30 CPU-minute run
+from 2-3 epochs to 8-11. Batch 64 for all. Every layer is new, so the trunk and the modules
+train at the full rate (multipliers 1), with the global gradient norm clipped at 10 (as the
+smoke preset: from scratch, SGD at 0.1 meets rare spikes that would end a run). The bot
+recipe's 10-pixel pad at 256x128 becomes 4 pixels at 96 rows. It trains on the CPU (torch's
+threads: all cores unless OMP_NUM_THREADS says otherwise).
 
 The schedule is each recipe's own, compressed into the budget: after t of T minutes the rate
 is the one its preset gives at epoch t/T x epochs (100 or 120). So the bot warm-up takes the
@@ -63,8 +66,8 @@ RECIPES = ("pcb", "pcb-csalr", "bot", "bot-csalr")
 COMMON = (
     "model.arch=resnet18",
     "model.pretrained=false",
-    "data.height=128",
-    "data.width=64",
+    "data.height=96",
+    "data.width=32",
     "train.batch_size=64",
     "train.trunk_lr_mult=1.0",
     "train.attention_lr_mult=1.0",
@@ -72,8 +75,8 @@ COMMON = (
     "eval.batch_size=128",
     "data.workers=2",  # loader processes beside the training process; --set data.workers=N
 )
-CSALR = ("attention.grid=4,4", "attention.landmark_weight=2")
-BOT = ("data.pad_crop=5",)
+CSALR = ("attention.grid=3,2", "attention.landmark_weight=2")
+BOT = ("data.pad_crop=4",)
 RESULT_COLUMNS = (
     "recipe", "seed", "minutes", "steps", "epochs", "images", "lr", "loss", "loss_parts",
     "loss_triplet", "loss_ds", "train_accuracy", "rank1", "mAP", "status",

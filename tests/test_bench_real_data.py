@@ -37,7 +37,7 @@ def test_each_recipe_keeps_its_schedule_compressed_into_the_budget(real_data):
 def test_the_four_recipes_share_model_input_and_batch(real_data):
     configs = [load_preset(r, real_data.recipe_overrides(r)) for r in real_data.RECIPES]
     shared = {(c.model.arch, c.data.height, c.data.width, c.train.batch_size) for c in configs}
-    assert shared == {("resnet18", 128, 64, 64)}
+    assert shared == {("resnet18", 96, 32, 64)}  # the paper's 384x128 at a quarter of its side
     assert all(not c.model.pretrained for c in configs)
     kinds = [(c.model.head, c.attention.kind, c.train.optimizer) for c in configs]
     assert kinds == [
@@ -46,6 +46,31 @@ def test_the_four_recipes_share_model_input_and_batch(real_data):
         ("global", "none", "adam"),
         ("global", "csalr", "adam"),
     ]
+
+
+@pytest.mark.parametrize("recipe", ["pcb-csalr", "bot-csalr"])
+def test_csalr_pools_the_papers_patches_and_pcb_gets_a_row_per_stripe(real_data, recipe):
+    """At 96x32 the 3x2 grid pools 8x4, 4x2 and 2x1 patches from the maps the modules see,
+    the patches of the paper's 12x8 grid at 384x128, and the final map has 6 rows."""
+    import torch
+
+    from reidkit.models.attention import CSALR
+    from reidkit.models.net import build_model
+
+    config = load_preset(recipe, real_data.recipe_overrides(recipe))
+    model = build_model(config, num_ids=10).eval()
+    seen: list[tuple[int, int]] = []
+    for module in model.modules():
+        if isinstance(module, CSALR):
+            grid = module.grid
+            module.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[-2:]))
+    images = torch.zeros(1, 3, config.data.height, config.data.width)
+    with torch.no_grad():
+        final, _aux = model.forward_features(images)
+    patches = [(h // grid[0], w // grid[1]) for h, w in seen]
+    assert patches == [(8, 4), (4, 2), (2, 1)]
+    assert all(h % grid[0] == 0 and w % grid[1] == 0 for h, w in seen)
+    assert final.shape[-2] == 6 == load_preset("pcb", real_data.recipe_overrides("pcb")).model.parts
 
 
 def row(recipe, seed, minutes, rank1):
