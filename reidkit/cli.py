@@ -280,7 +280,8 @@ def train(
     """Train a PCB / PCB-RPP model with attention; writes last.pt, metrics.csv and curves.png."""
     from reidkit.config import load_preset
     from reidkit.data.datasets import dataset_folder
-    from reidkit.engine.train import default_run_folder, fit, is_main_process, resume_config
+    from reidkit.engine.distributed import is_main_process
+    from reidkit.engine.train import default_run_folder, fit, resume_config
 
     try:
         extra = list(overrides or [])
