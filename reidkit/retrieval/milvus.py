@@ -10,9 +10,9 @@ Index and metric: inner product (IP) on L2-normalised features is the cosine sim
 the score the FAISS folders give, and what `evaluate` ranks by; Milvus's COSINE metric would
 normalise every vector again for the same numbers. `--index flat` (the default) is Milvus's
 FLAT, exact, so a gallery in Milvus ranks exactly as the in-memory path does; `ivf` is
-IVF_FLAT (sqrt(N) lists, 16 probed) and `hnsw` HNSW (M=32), approximate, for galleries where
-exact search is too slow. Milvus Lite 3 builds these with FAISS; it has no IVF_PQ (a server
-does): `bench/gallery_scale.py` measures what each costs.
+IVF_FLAT (sqrt(rows per segment) lists, 16 probed) and `hnsw` HNSW (M=32), approximate, for
+galleries where exact search is too slow. Milvus Lite 3 builds these with FAISS; it has no
+IVF_PQ (a server does): `bench/gallery_scale.py` measures what they cost.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ PATH_LENGTH = 4096  # VARCHAR bytes for a path (Linux's PATH_MAX)
 # One insert or search request stays under this many bytes of vectors: Milvus refuses gRPC
 # messages over 64 MB, and a PCB `g` feature is 48 KB (12,288 floats).
 REQUEST_BYTES = 16 * 2**20
+# Rows per sealed segment in Milvus Lite (its MAX_SEGMENT_ROWS); a server's are larger.
+SEGMENT_ROWS = 100_000
 # A server returns at most this many matches per query (Milvus's topk limit); Lite has none.
 SERVER_TOP_K = 16384
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")  # Milvus's rule for collection names
@@ -206,9 +208,14 @@ def _rows_per_request(dim: int) -> int:
 
 
 def index_params(kind: str, num_rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(build parameters, search parameters) of the Milvus index for `--index kind`."""
+    """(build parameters, search parameters) of the Milvus index for `--index kind`.
+
+    Milvus builds one index per segment, so IVF's lists follow the segment, not the gallery:
+    sqrt(rows per segment) lists (Milvus Lite seals segments of at most SEGMENT_ROWS), 16 of
+    them probed, the FAISS folders' setting.
+    """
     if kind == "ivf":
-        nlist = max(1, min(65536, round(math.sqrt(max(num_rows, 1)))))
+        nlist = max(1, round(math.sqrt(max(1, min(num_rows, SEGMENT_ROWS)))))
         return {"nlist": nlist}, {"nprobe": min(16, nlist)}
     if kind == "hnsw":
         return {"M": 32, "efConstruction": 80}, {"ef": 128}
@@ -295,11 +302,12 @@ class GalleryWriter:
         if any(columns["path"]):
             self._known.add("path")
         step = _rows_per_request(self.dim)
+        first = self.written  # row numbers continue those of earlier calls
         for start in range(0, len(features), step):
             stop = min(start + step, len(features))
             rows = [
                 {
-                    "row": self.written + i,
+                    "row": first + i,
                     "vector": features[i],
                     "path": columns["path"][i],
                     **{name: int(columns[name][i]) for name in INT_FIELDS},

@@ -116,6 +116,18 @@ def test_filtered_search_in_milvus_keeps_the_rows_the_mask_keeps(stored, where):
     assert (rows[:, width:] == -1).all()
 
 
+def test_rows_split_over_many_requests_keep_their_numbers(milvus_db, monkeypatch):
+    # 64 rows of 16 floats a request: each add() below is several inserts
+    monkeypatch.setattr(milvus, "REQUEST_BYTES", 64 * DIM * 4)
+    features, meta = gallery_rows(7)
+    target = parse_target(milvus_db, "many_requests")
+    write(target, features, meta, batches=3)
+    gallery = MilvusGallery.open(target)
+    pd.testing.assert_frame_equal(gallery.rows_meta(np.arange(N)), meta)
+    _, rows = gallery.search(features, 1)
+    assert (rows[:, 0] == np.arange(N)).all()  # every row's vector sits at its own number
+
+
 def test_a_filter_on_a_field_the_gallery_lacks_is_refused(stored):
     gallery, _, _ = stored
     where = GalleryFilter(after=TimeBound("timestamp", 0))
