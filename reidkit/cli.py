@@ -528,11 +528,17 @@ def extract(
                 again += [option, value]
         if flip is not None:
             again.append("--flip" if flip else "--no-flip")
-        kept = shards or default_shards(target, collection)
+        kept = Path(shards or default_shards(target, collection))
+        finished = len(list(kept.glob("features-*.npy"))) if kept.is_dir() else 0
+        resume = (
+            f"the {finished} finished feature shard(s) are kept in {kept}, and the same "
+            "command resumes from them"
+            if finished
+            else "no feature shard was finished"
+        )
         raise interrupted(
             f"interrupted: {target} was not written (a gallery already there is unchanged); "
-            f"the finished feature shards are kept in {kept}; run the same command to resume: "
-            f"{command_line(*again)}"
+            f"{resume}; run again with: {command_line(*again)}"
         ) from None
     if result is None:  # another torchrun rank: rank 0 reports
         return

@@ -69,20 +69,25 @@ def test_extract_says_when_it_resumed(monkeypatch, tmp_path):
     assert "resumed: 3 of 5 shards were finished by an earlier run" in result.stdout
 
 
-def test_ctrl_c_in_extract_says_the_shards_are_kept_and_how_to_resume(monkeypatch, tmp_path):
+def test_ctrl_c_in_extract_says_which_shards_are_kept_and_how_to_resume(monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(search_module, "build_gallery_index", interrupted)
-    result = invoke(
-        "extract", tmp_path / "last.pt", "--dataset", "tiny", "--out", "milvus:g.db",
-        "--collection", "cams",
-    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = ("extract", tmp_path / "last.pt", "--dataset", "tiny", "--out", "milvus:g.db",
+            "--collection", "cams")  # fmt: skip
+    result = invoke(*args)
     assert result.exit_code == 130
     message = result.stderr.strip()
-    assert "the finished feature shards are kept in" in message
-    assert f"{Path('g.db').absolute()}.shards" in message  # beside the database
+    assert "no feature shard was finished; run again with: reidkit extract" in message
     assert message.endswith("--out milvus:g.db --collection cams")
+    shards = tmp_path / "g.db.shards"  # beside the database
+    shards.mkdir()
+    for name in ("features-000000000000-000000000004.npy", "shards.json"):
+        (shards / name).write_text("")
+    message = invoke(*args).stderr.strip()
+    assert f"the 1 finished feature shard(s) are kept in {shards}, and the same command " in message
 
 
 @pytest.mark.parametrize(

@@ -299,33 +299,38 @@ def extract_in_shards(
     shown = place.is_main and draws_bars(progress)
     taken = 0
     start_time = time.perf_counter()
-    with Progress(*columns, disable=not shown, transient=True) as bar:
-        task = bar.add_task("embed", total=total_images)
+    try:
+        with Progress(*columns, disable=not shown, transient=True) as bar:
+            task = bar.add_task("embed", total=total_images)
 
-        def tick(count: int) -> None:
-            nonlocal taken
-            taken += 1
-            value = torch.tensor([count], dtype=torch.int64, device=_collective(device))
-            if place.world_size > 1:
-                dist.all_reduce(value)
-            bar.update(task, advance=int(value.item()))
+            def tick(count: int) -> None:
+                nonlocal taken
+                taken += 1
+                value = torch.tensor([count], dtype=torch.int64, device=_collective(device))
+                if place.world_size > 1:
+                    dist.all_reduce(value)
+                bar.update(task, advance=int(value.item()))
 
-        for start, stop in pending:
-            loader = build_loader(
-                rows.iloc[start:stop],
-                "gallery",
-                data,
-                batch_size=batch_size,
-                train=False,
-                pin_memory=device.type == "cuda",
-            )
-            features = extract_features(
-                model, loader, feature=feature, flip=flip, device=device, progress=False,
-                on_batch=tick,
-            )  # fmt: skip
-            shards.write(start, stop, features)
-        while taken < batches:  # ranks with less work still join every all-reduce
-            tick(0)
+            for start, stop in pending:
+                loader = build_loader(
+                    rows.iloc[start:stop],
+                    "gallery",
+                    data,
+                    batch_size=batch_size,
+                    train=False,
+                    pin_memory=device.type == "cuda",
+                )
+                features = extract_features(
+                    model, loader, feature=feature, flip=flip, device=device, progress=False,
+                    on_batch=tick,
+                )  # fmt: skip
+                shards.write(start, stop, features)
+            while taken < batches:  # ranks with less work still join every all-reduce
+                tick(0)
+    except BaseException:
+        if place.world_size == 1 and not shards.finished():
+            shards.remove()  # interrupted before any shard was done: nothing to resume from
+        raise
     if place.world_size > 1:
         dist.barrier()
     seconds = time.perf_counter() - start_time

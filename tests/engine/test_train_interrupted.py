@@ -101,12 +101,12 @@ def test_ctrl_c_in_the_first_epoch_says_no_checkpoint_was_saved(
 def test_ctrl_c_in_extract_leaves_no_index_and_gives_the_command(
     tmp_path: Path, monkeypatch, tiny_checkpoint
 ):
-    from reidkit.engine import search as search_module
+    from reidkit.engine import shards as shards_module  # where extraction embeds
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_module, "extract_features", stopped)
+    monkeypatch.setattr(shards_module, "extract_features", stopped)
     out = tmp_path / "index"
     result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
     assert result.exit_code == 130, result.output
