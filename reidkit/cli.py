@@ -537,7 +537,7 @@ def extract(
             else "no feature shard was finished"
         )
         raise interrupted(
-            f"interrupted: {target} was not written (a gallery already there is unchanged); "
+            f"interrupted: {target} was not written (an index already there is unchanged); "
             f"{resume}; run again with: {command_line(*again)}"
         ) from None
     if result is None:  # another torchrun rank: rank 0 reports

@@ -128,7 +128,8 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
 
     def stopped(*args, **kwargs):
         real_save(*args, **kwargs)
-        raise KeyboardInterrupt
+        if Path(str(args[0])).name == "features.npy":  # the index's, not a feature shard's
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(index_module.np, "save", stopped)
     result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
@@ -136,7 +137,9 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
     (line,) = stderr_lines(result)
     assert f"{out} was not written (an index already there is unchanged)" in line
     assert (out / "features.npy").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    # the embedding had finished: its shards are kept, so running again only saves the index
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "index.shards"]
+    assert f"finished feature shard(s) are kept in {out}.shards" in line
 
 
 # ------------------------------------------------------------------ --resume
