@@ -22,7 +22,7 @@ from reidkit.engine.shards import SHARD_SIZE, ShardRun, agree, extract_in_shards
 from reidkit.errors import DatasetError, IndexFolderError
 from reidkit.outputs import check_writable
 from reidkit.retrieval.filters import GalleryFilter
-from reidkit.retrieval.gallery import open_gallery
+from reidkit.retrieval.gallery import Gallery, open_gallery
 from reidkit.retrieval.index import build_index, check_replaceable, save_index_folder
 from reidkit.retrieval.milvus import (
     GalleryWriter,
@@ -326,6 +326,20 @@ def search_index(
     if top < 1:
         raise IndexFolderError("--top must be at least 1")
     gallery = _open_search_gallery(index, collection)
+    try:
+        return _search_gallery(gallery, query_paths, top, where, progress)
+    finally:
+        if isinstance(gallery, MilvusGallery):
+            gallery.close()
+
+
+def _search_gallery(
+    gallery: Gallery,
+    query_paths: list[Path],
+    top: int,
+    where: GalleryFilter | None,
+    progress: bool,
+) -> list[QueryResult]:
     checkpoint = Path(gallery.info["checkpoint"])
     if not checkpoint.exists():
         raise IndexFolderError(
@@ -395,12 +409,10 @@ def search_index(
         )
         pid = query["pid"]
         results.append(QueryResult(Path(query["path"]), None if pid == UNKNOWN else pid, matches))
-    if isinstance(gallery, MilvusGallery):
-        gallery.close()
     return results
 
 
-def _open_search_gallery(index: Path | str | None, collection: str | None):
+def _open_search_gallery(index: Path | str | None, collection: str | None) -> Gallery:
     if is_milvus(index):
         return open_gallery(str(index), collection)
     folder = Path(index) if index is not None else DEFAULT_INDEX
