@@ -6,8 +6,13 @@
     index = GalleryIndex.build(features, paths=["a.jpg", "b.jpg"])
     scores, rows = index.search(model.embed(["query.jpg"]), k=1)
 
+    from reidkit import GalleryFilter, open_gallery
+    gallery = open_gallery("milvus:gallery.db")          # or an index folder
+    scores, rows = gallery.search(queries, k=10, where=GalleryFilter(cameras=(3, 4, 5)))
+    matches = gallery.rows_meta(rows[0][rows[0] >= 0])   # path, pid, camid, frame, timestamp
+
 `reidkit extract` and `reidkit search` run on the same pieces: the checkpoint's transforms,
-`reidkit.engine.extract.embed_images` and `reidkit.retrieval.index`.
+`reidkit.engine.extract.embed_images` and `reidkit.retrieval` (index, milvus, gallery).
 """
 
 from __future__ import annotations
@@ -26,13 +31,30 @@ from reidkit import __version__
 from reidkit.config import RunConfig
 from reidkit.data.datasets import parse_market_name
 from reidkit.data.loading import build_transform
+from reidkit.engine.checkpoint import checkpoint_digest
 from reidkit.engine.checkpoint import load_model as load_checkpoint_model
 from reidkit.engine.extract import embed_images
 from reidkit.errors import DatasetError, NumericalError
 from reidkit.models.net import ReidNet
-from reidkit.retrieval.index import SearchIndex, build_index, load_index_folder, save_index_folder
+from reidkit.retrieval.filters import GalleryFilter
+from reidkit.retrieval.gallery import Gallery, open_gallery
+from reidkit.retrieval.index import (
+    SearchIndex,
+    build_index,
+    known_fields,
+    load_index_folder,
+    save_index_folder,
+)
 
 ImageLike = Image.Image | np.ndarray | str | Path
+__all__ = [
+    "Gallery",
+    "GalleryFilter",
+    "GalleryIndex",
+    "ReidModel",
+    "load_model",
+    "open_gallery",
+]
 
 
 class ReidModel:
@@ -168,6 +190,7 @@ class GalleryIndex:
             raise ValueError(f"{len(meta)} paths / pids / camids for {n} feature rows")
         info = {
             "checkpoint": str(model.checkpoint) if model else "",
+            "checkpoint_sha256": checkpoint_digest(model.checkpoint) if model else "",
             "feature_kind": model.feature if model else "",
             "flip": bool(model.config.eval.flip) if model else False,
             "source": "python api",
@@ -185,6 +208,15 @@ class GalleryIndex:
         """Write the folder (index.faiss, features.npy, meta.csv, info.json) atomically."""
         return save_index_folder(Path(folder), self.index, self.features, self.meta, self.info)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k per query: (scores (Nq, k) cosine, descending; rows (Nq, k) into `meta`)."""
-        return self.index.search(np.asarray(queries, dtype=np.float32), k)
+    def search(
+        self, queries: np.ndarray, k: int = 10, *, where: GalleryFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k per query: (scores (Nq, k) cosine, descending; rows (Nq, k) into `meta`).
+
+        `where` keeps only the rows it matches, e.g. `GalleryFilter(cameras=(3, 4, 5))`
+        (-1 fills the slots no kept row reaches)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if where is None or where.is_empty:
+            return self.index.search(queries, k)
+        where.check_fields(known_fields(self.meta), "GalleryIndex")
+        return self.index.search(queries, k, rows=np.flatnonzero(where.mask(self.meta)))

@@ -280,7 +280,8 @@ def train(
     """Train a PCB / PCB-RPP model with attention; writes last.pt, metrics.csv and curves.png."""
     from reidkit.config import load_preset
     from reidkit.data.datasets import dataset_folder
-    from reidkit.engine.train import default_run_folder, fit, is_main_process, resume_config
+    from reidkit.engine.distributed import is_main_process
+    from reidkit.engine.train import default_run_folder, fit, resume_config
 
     try:
         extra = list(overrides or [])
@@ -364,6 +365,8 @@ def print_report(report) -> None:
         console.print(
             f"chance rank-1 (random ranking): {100 * report.chance_rank1:.1f}%", highlight=False
         )
+    if report.gallery:
+        console.print(f"gallery ranked in {report.gallery}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -394,6 +397,17 @@ def evaluate(
         Path | None, typer.Option("--json", help="also write the results here")
     ] = None,
     cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
+    gallery: Annotated[
+        str | None,
+        typer.Option(
+            help="rank the gallery `extract` stored here (milvus:PATH.db, milvus:http://HOST:"
+            "19530 or an index folder) instead of embedding the dataset's gallery split"
+        ),
+    ] = None,
+    collection: Annotated[
+        str | None,
+        typer.Option(help="Milvus collection of --gallery (default: reidkit_gallery)"),
+    ] = None,
 ) -> None:
     """Rank the gallery for every query; print R1/R5/R10/mAP/mINP beside the paper's row."""
     from reidkit.engine.evaluate import run_evaluation
@@ -413,6 +427,8 @@ def evaluate(
             ap_mode=ap_mode,
             rerank=rerank,
             feature=feature,
+            gallery=gallery,
+            collection=collection,
         )
         print_report(report)
         if json_out is not None:
@@ -428,6 +444,12 @@ def evaluate(
         raise fail(err) from None
 
 
+Collection = Annotated[
+    str | None,
+    typer.Option(help="Milvus collection of the gallery (default: reidkit_gallery)"),
+]
+
+
 @app.command()
 def extract(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
@@ -439,7 +461,11 @@ def extract(
         Path | None, typer.Option(help="embed every image under this folder instead")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="index folder (default: runs/index, where search looks)")
+        str | None,
+        typer.Option(
+            help="index folder (default: runs/index, where search looks), or milvus:PATH.db "
+            "(Milvus Lite) / milvus:http://HOST:19530 (a Milvus server)"
+        ),
     ] = None,
     data_root: CheckpointDataRoot = None,
     index: Annotated[
@@ -452,17 +478,28 @@ def extract(
     ] = None,
     flip: CheckpointFlip = None,
     feature: CheckpointFeature = None,
+    collection: Collection = None,
+    meta: Annotated[
+        Path | None,
+        typer.Option(help="CSV of path and any of pid, camid, frame, timestamp, for each image"),
+    ] = None,
+    shards: Annotated[
+        Path | None,
+        typer.Option(help="folder of the feature shards (default: OUT.shards beside the output)"),
+    ] = None,
 ) -> None:
-    """Embed a dataset split or an image folder into a FAISS gallery index folder."""
-    from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index
+    """Embed a dataset split or an image folder into a gallery: a FAISS folder or Milvus."""
+    from reidkit.engine.search import DEFAULT_INDEX, build_gallery_index, default_shards
+    from reidkit.retrieval.milvus import is_milvus
 
     check_choice("--split", split, SPLITS)
     check_choice("--index", index, INDEX_KINDS)
     check_choice("--feature", feature, FEATURES)
+    target = out if out is None or is_milvus(out) else Path(out)
     try:
-        folder = build_gallery_index(
+        result = build_gallery_index(
             checkpoint,
-            out or DEFAULT_INDEX,
+            target or DEFAULT_INDEX,
             dataset=dataset,
             split=split,
             images=images,
@@ -470,11 +507,14 @@ def extract(
             index_kind=index,
             flip=flip,
             feature=feature,
+            meta_csv=meta,
+            collection=collection,
+            shards=shards,
         )
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
     except KeyboardInterrupt:
-        target = out or DEFAULT_INDEX
+        target = target or DEFAULT_INDEX
         again = ["reidkit", "extract", checkpoint]
         if images is not None:
             again += ["--images", images]
@@ -482,16 +522,44 @@ def extract(
             again += ["--dataset", dataset, "--split", split]
         again += ["--out", target]
         for option, value in (("--data-root", data_root), ("--index", index),
-                              ("--feature", feature)):  # fmt: skip
+                              ("--feature", feature), ("--collection", collection),
+                              ("--meta", meta), ("--shards", shards)):  # fmt: skip
             if value is not None:
                 again += [option, value]
         if flip is not None:
             again.append("--flip" if flip else "--no-flip")
+        kept = Path(shards or default_shards(target, collection))
+        finished = len(list(kept.glob("features-*.npy"))) if kept.is_dir() else 0
+        resume = (
+            f"the {finished} finished feature shard(s) are kept in {kept}, and the same "
+            "command resumes from them"
+            if finished
+            else "no feature shard was finished"
+        )
         raise interrupted(
-            f"interrupted: {target} was not written (an index already there is unchanged) and "
-            f"its temporary folder was removed; run again with: {command_line(*again)}"
+            f"interrupted: {target} was not written (an index already there is unchanged); "
+            f"{resume}; run again with: {command_line(*again)}"
         ) from None
-    console.print(f"index: {folder} (index.faiss, features.npy, meta.csv, info.json)")
+    if result is None:  # another torchrun rank: rank 0 reports
+        return
+    if result.resumed:
+        console.print(
+            f"resumed: {result.resumed} of {result.shards} shards were finished by an earlier "
+            "run and not embedded again",
+            highlight=False,
+        )
+    console.print(
+        f"embedded {result.embedded:,} images in {result.seconds:.1f} s "
+        f"({result.images_per_second:,.1f} images/s over {result.world_size} process(es))",
+        highlight=False,
+    )
+    if result.collection is None:
+        console.print(f"index: {result.out} (index.faiss, features.npy, meta.csv, info.json)")
+    else:
+        console.print(
+            f"gallery: {result.out} collection {result.collection} ({result.num_images:,} rows)",
+            highlight=False,
+        )
 
 
 def print_search(results) -> None:
@@ -516,17 +584,38 @@ def print_search(results) -> None:
 def search(
     queries: Annotated[list[Path], typer.Argument(help="query image(s)")],
     index: Annotated[
-        Path | None, typer.Option(help="index folder from `reidkit extract` (default: runs/index)")
+        str | None,
+        typer.Option(
+            help="gallery from `reidkit extract`: an index folder (default: runs/index) or "
+            "milvus:PATH.db / milvus:http://HOST:19530"
+        ),
     ] = None,
     top: Annotated[int, typer.Option(min=1, help="how many matches to show per query")] = 10,
     save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
+    collection: Collection = None,
+    camera: Annotated[str | None, typer.Option(help="only these cameras: 3,4,5 or 3-5")] = None,
+    after: Annotated[
+        str | None,
+        typer.Option(help="only from this time on: a frame number or 2024-05-01T10:00 (UTC)"),
+    ] = None,
+    before: Annotated[
+        str | None,
+        typer.Option(help="only before this time (exclusive), as --after"),
+    ] = None,
+    path_prefix: Annotated[
+        str | None, typer.Option(help="only images whose path starts with this")
+    ] = None,
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
     from reidkit.engine.search import MONTAGE_COLUMNS, save_results_montage, search_index
+    from reidkit.retrieval.filters import filter_from_options
+    from reidkit.retrieval.milvus import is_milvus
 
     try:
+        where = filter_from_options(camera, after, before, path_prefix)
         check_writable("--save", save)
-        results = search_index(queries, index, top=top)
+        gallery = index if index is None or is_milvus(index) else Path(index)
+        results = search_index(queries, gallery, top=top, where=where, collection=collection)
         with writing("--save", save):
             montage = save_results_montage(results, save)
     except (ReidkitError, OSError) as err:

@@ -77,3 +77,11 @@ def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     return fit(tiny_config("train.epochs=2"), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def milvus_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`milvus:PATH.db`, one Milvus Lite database for the whole session (each test writes its
+    own collections): Milvus Lite starts once per database and process. The `test` extra
+    installs pymilvus and Milvus Lite, so these tests run, not skip, in CI."""
+    return f"milvus:{tmp_path_factory.mktemp('milvus') / 'gallery.db'}"

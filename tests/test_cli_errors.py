@@ -202,7 +202,7 @@ def test_extract_without_index_option_leaves_the_kind_to_the_checkpoint(
 
     def fake_build(checkpoint, out, **kwargs):
         seen.update(kwargs)
-        return out
+        return search_module.ExtractResult(out, None, 3, 1, 0, 3, 1.0, 1)
 
     monkeypatch.setattr(search_module, "build_gallery_index", fake_build)
     assert invoke("extract", tmp_path / "last.pt", "--dataset", "tiny").exit_code == 0

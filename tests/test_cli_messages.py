@@ -76,7 +76,7 @@ def test_a_query_that_is_a_folder_or_images_that_are_a_file_are_named_so(
     from reidkit.engine.search import build_gallery_index
 
     checkpoint = untrained_checkpoint(tiny_config(), tmp_path / "last.pt")
-    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False)
+    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False).out
     queries = tiny_root / "tiny" / "query"
     line = error_line(invoke("search", queries, "--index", index))
     assert f"query image {queries} is a folder; give image files" in line
@@ -94,7 +94,7 @@ def test_search_caps_the_montage_at_20_matches_and_says_so(
     from reidkit.engine.search import build_gallery_index
 
     checkpoint = untrained_checkpoint(tiny_config(), tmp_path / "last.pt")
-    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False)
+    index = build_gallery_index(checkpoint, tmp_path / "index", dataset="tiny", progress=False).out
     query = sorted((tiny_root / "tiny" / "query").iterdir())[0]
     montage = tmp_path / "ranked.png"
     result = invoke("search", query, "--index", index, "--top", "1000", "--save", montage)

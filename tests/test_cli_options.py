@@ -33,6 +33,10 @@ def record_calls(monkeypatch, module, name: str, result) -> list[dict]:
     return calls
 
 
+def an_extraction(tmp_path: Path) -> search_module.ExtractResult:
+    return search_module.ExtractResult(tmp_path / "index", None, 3, 1, 0, 3, 1.0, 1)
+
+
 def a_report() -> EvaluationReport:
     metrics = RankingMetrics(
         cmc=np.array([0.5, 1.0]),
@@ -118,7 +122,7 @@ EXTRACT_DEFAULTS = {
 def test_extract_passes_each_option_and_leaves_the_others_at_their_defaults(
     monkeypatch, tmp_path: Path, options, changed
 ):
-    calls = record_calls(monkeypatch, search_module, "build_gallery_index", tmp_path / "index")
+    calls = record_calls(monkeypatch, search_module, "build_gallery_index", an_extraction(tmp_path))
     checkpoint = tmp_path / "last.pt"
     result = runner.invoke(app, ["extract", str(checkpoint), *options])
     assert result.exit_code == 0, result.output
@@ -130,7 +134,7 @@ def test_extract_passes_each_option_and_leaves_the_others_at_their_defaults(
 
 
 def test_extract_writes_the_index_where_out_says(monkeypatch, tmp_path: Path):
-    calls = record_calls(monkeypatch, search_module, "build_gallery_index", tmp_path / "index")
+    calls = record_calls(monkeypatch, search_module, "build_gallery_index", an_extraction(tmp_path))
     result = runner.invoke(
         app, ["extract", str(tmp_path / "last.pt"), "--images", "pics", "--out", "gal"]
     )

@@ -6,6 +6,7 @@ reads it without unpickling arbitrary objects: a checkpoint from someone else is
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import pickletools
 import random
@@ -278,3 +279,20 @@ def load_model(path: Path) -> tuple[ReidNet, Checkpoint]:
     except RuntimeError as err:  # shape mismatches from load_state_dict
         raise CheckpointError(f"{path}: weights do not fit the recorded model: {err}") from None
     return model.eval(), checkpoint
+
+
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint file: which weights made a set of features.
+
+    A path alone does not say it: `train` rewrites last.pt after every epoch. Features and
+    galleries record this digest, so a shard of another run or a query embedded by other
+    weights is refused rather than mixed in. About a second per GB.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror or err})") from None
+    return digest.hexdigest()

@@ -15,15 +15,19 @@ from reidkit.config import PaperRow, RunConfig, checkpoint_data_root, data_root
 from reidkit.data.datasets import dataset_folder
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.data.prepare import CAMID_NOTE, RECORD_NAME
-from reidkit.engine.checkpoint import load_model
+from reidkit.engine.checkpoint import checkpoint_digest, load_model
 from reidkit.engine.extract import extract_features
 from reidkit.errors import DatasetError
 from reidkit.models.net import ReidNet
+from reidkit.retrieval.gallery import Gallery, check_model, open_gallery
 from reidkit.retrieval.metrics import (
+    MatchRanks,
     RankingMetrics,
     chance_rank1,
     cmc_map,
     cmc_map_from_features,
+    match_ranks,
+    metrics_from_ranks,
 )
 from reidkit.retrieval.rerank import k_reciprocal_rerank_features
 
@@ -58,6 +62,7 @@ class EvaluationReport:
     query_ids: int | None = None  # identities among the queries
     gallery_ids: int | None = None  # identities in the gallery, distractors (pid 0) one
     checkpoint: str | None = None  # the file evaluated, absolute; None inside training
+    gallery: str | None = None  # a gallery ranked where it lives (Milvus, a folder); None: embedded
 
     @property
     def protocol(self) -> str:
@@ -99,6 +104,7 @@ class EvaluationReport:
             "flip": self.flip,
             "rerank": self.rerank,
             "paper": None if self.paper is None else vars(self.paper),
+            "gallery": self.gallery,
             "seconds": self.seconds,
         }
 
@@ -234,6 +240,103 @@ def evaluate_model(
     )
 
 
+def _concatenate(parts: list[MatchRanks]) -> MatchRanks:
+    """One MatchRanks from those of consecutive chunks of queries."""
+    counts = np.concatenate([part.counts for part in parts]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    ranks = np.concatenate([part.ranks for part in parts]).astype(np.int64)
+    return MatchRanks(ranks=ranks, counts=counts, offsets=offsets)
+
+
+def evaluate_gallery(
+    model: ReidNet,
+    config: RunConfig,
+    gallery: Gallery,
+    *,
+    checkpoint: Path,
+    dataset: str | None = None,
+    device: torch.device | str = "cpu",
+    flip: bool | None = None,
+    ap_mode: str | None = None,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score the ranking of a gallery where it lives (Milvus, or an index folder): only the
+    dataset's queries are embedded, each one ranks the whole gallery through its search, and
+    the protocol of `cmc_map` reads the ranked lists.
+
+    The gallery's recorded checkpoint digest, feature kind and flip must be this model's (one
+    line otherwise). With an exact index (flat) the numbers are those of `evaluate_model`.
+    """
+    evaluation = config.eval
+    flip = bool(gallery.info.get("flip")) if flip is None else flip
+    ap_mode = ap_mode or evaluation.ap_mode
+    ours = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": checkpoint_digest(checkpoint),
+        "feature_kind": evaluation.feature,
+        "flip": flip,
+    }
+    check_model(gallery.info, ours, gallery.name)
+    name, rows = query_gallery(config, dataset)
+    query = rows[rows["split"] == "query"]
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    loader = build_loader(
+        rows,
+        "query",
+        config.data,
+        batch_size=evaluation.batch_size,
+        train=False,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    q_feats = extract_features(
+        model, loader, feature=evaluation.feature, flip=flip, device=device, progress=progress,
+        description="extract query",
+    )  # fmt: skip
+    seconds["extract_query"] = time.perf_counter() - start
+    start = time.perf_counter()
+    num_g = gallery.ntotal
+    g_meta = gallery.rows_meta(np.arange(num_g))
+    ids = (
+        query["pid"].to_numpy(np.int64),
+        g_meta["pid"].to_numpy(np.int64),
+        query["camid"].to_numpy(np.int64),
+        g_meta["camid"].to_numpy(np.int64),
+    )
+    # Whole rankings, a chunk of queries at a time: chunk x gallery distances in memory.
+    chunk = max(1, min(len(q_feats), 2**24 // max(num_g, 1)))
+    parts = []
+    for first in range(0, len(q_feats), chunk):
+        last = min(first + chunk, len(q_feats))
+        scores, found = gallery.search(q_feats[first:last], num_g)
+        distances = np.full((last - first, num_g), np.inf)  # a row the index missed ranks last
+        taken = found >= 0
+        rows_of = np.nonzero(taken)[0]
+        distances[rows_of, found[taken]] = 1.0 - scores[taken].astype(np.float64)
+        parts.append(match_ranks(distances, ids[0][first:last], ids[1], ids[2][first:last], ids[3]))
+    metrics = metrics_from_ranks(
+        _concatenate(parts), max_rank=min(evaluation.max_rank, num_g), ap_mode=ap_mode
+    )
+    seconds["rank"] = time.perf_counter() - start
+    return EvaluationReport(
+        dataset=name,
+        preset=config.name,
+        metrics=metrics,
+        num_query=len(query),
+        num_gallery=num_g,
+        feature=evaluation.feature,
+        flip=flip,
+        rerank=False,
+        paper=config.paper.get(dataset_folder(name)),
+        seconds=seconds,
+        camera_rule=has_camera_ids(data_root(config.data.root) / name),
+        chance_rank1=chance_rank1(*ids, ap_mode=ap_mode),
+        query_ids=int(query["pid"].nunique()),
+        gallery_ids=int(g_meta["pid"].nunique()),
+        gallery=gallery.name,
+    )
+
+
 def run_evaluation(
     checkpoint: Path,
     dataset: str | None = None,
@@ -243,9 +346,20 @@ def run_evaluation(
     ap_mode: str | None = None,
     rerank: bool | None = None,
     feature: str | None = None,
+    gallery: str | Path | None = None,
+    collection: str | None = None,
     progress: bool = True,
 ) -> EvaluationReport:
-    """`reidkit evaluate`: load a checkpoint and evaluate it on a prepared dataset."""
+    """`reidkit evaluate`: load a checkpoint and evaluate it on a prepared dataset.
+
+    With `gallery` (a `milvus:...` address, with `collection`, or an index folder), the
+    gallery is the one `extract` stored there, ranked by its own search (`evaluate_gallery`).
+    """
+    if gallery is not None and rerank:
+        raise DatasetError(
+            "--rerank needs every gallery feature in memory, which --gallery does not load; "
+            "evaluate without --gallery to re-rank"
+        )
     model, state = load_model(checkpoint)
     config = state.config
     root = checkpoint_data_root(root, config.data.root)
@@ -254,6 +368,19 @@ def run_evaluation(
         config = replace(config, eval=replace(config.eval, feature=feature))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    resolved = Path(checkpoint).expanduser().resolve()
+    if gallery is not None:
+        stored = open_gallery(gallery, collection)
+        try:
+            report = evaluate_gallery(
+                model, config, stored, checkpoint=resolved, dataset=dataset, device=device,
+                flip=flip, ap_mode=ap_mode, progress=progress,
+            )  # fmt: skip
+        finally:
+            close = getattr(stored, "close", None)
+            if close is not None:
+                close()
+        return replace(report, checkpoint=str(resolved))
     report = evaluate_model(
         model,
         config,
@@ -264,4 +391,4 @@ def run_evaluation(
         rerank=rerank,
         progress=progress,
     )
-    return replace(report, checkpoint=str(Path(checkpoint).expanduser().resolve()))
+    return replace(report, checkpoint=str(resolved))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
@@ -60,12 +60,14 @@ def extract_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     description: str = "extract",
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Embed every image a loader yields, in order: (N, P*C) float32, rows of unit length.
 
     The loader yields `(images, ...)` batches of normalised (B, 3, H, W) tensors. With `flip`,
     each image's part vectors are averaged with those of its mirror image before normalising.
     A CSALR landmark solve that fails raises `NumericalError`, which says how to retrain.
+    `on_batch(images)` is called after each batch (sharded extraction counts all ranks).
     """
     device = torch.device(device)
     model.eval()
@@ -87,6 +89,8 @@ def extract_features(
                 raise _singular_landmarks(err) from None
             chunks.append(features.cpu().numpy())
             bar.update(task, advance=1)
+            if on_batch is not None:
+                on_batch(len(images))
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)

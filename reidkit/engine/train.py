@@ -11,7 +11,6 @@ smoothing, the batch-hard triplet loss, Adam, linear warm-up, milestones and cos
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -51,6 +50,8 @@ from reidkit.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from reidkit.engine.distributed import Distributed, process_device
+from reidkit.engine.distributed import init_distributed as _init_distributed
 from reidkit.engine.losses import batch_hard_triplet_loss
 from reidkit.errors import ConfigError, Interrupted, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
@@ -93,24 +94,6 @@ class RunFiles:
     @property
     def config(self) -> Path:
         return self.folder / "config.toml"
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a `torchrun` job (world size 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def is_main_process() -> bool:
-    """True outside `torchrun`, and in its rank 0: the process that prints and writes files."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def default_run_folder(config: RunConfig) -> Path:
@@ -285,7 +268,7 @@ def _fit(
     check_writable("--out", files.folder, folder=True)
     if place.is_main:
         _remove_stale_temporaries(files.folder)
-    device = _device(place)
+    device = process_device(place)
     manifest = read_manifest(manifest_path(data_root(config.data.root), config.data.dataset))
     data = config.data
     train_set = split_dataset(manifest, "train", data, train=True)
@@ -643,26 +626,6 @@ def _wrap(model: nn.Module, place: Distributed, device: torch.device) -> nn.Modu
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def _init_distributed() -> Distributed:
-    """Read torchrun's environment and join the process group (NCCL on CUDA, else gloo)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def _device(place: Distributed) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", place.local_rank)
-    return torch.device("cpu")
 
 
 def _amp_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:

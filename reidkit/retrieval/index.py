@@ -18,6 +18,7 @@ import pandas as pd
 from reidkit import __version__
 from reidkit.errors import IndexFolderError, ReidkitError
 from reidkit.outputs import temporary_path
+from reidkit.retrieval.filters import META_FIELDS, UNKNOWN, GalleryFilter
 
 if TYPE_CHECKING:
     import faiss
@@ -83,7 +84,12 @@ def import_faiss() -> Any:
 
 
 class SearchIndex(Protocol):
-    """What every index offers: one search signature, higher score = more similar."""
+    """What every index offers: one search signature, higher score = more similar.
+
+    `search(queries, k, rows=...)` returns (scores (Nq, k) float32 descending, indices (Nq, k)
+    int64); `rows` restricts the search to those gallery rows (a metadata filter's result).
+    Slots an index could not fill hold index -1 and score -inf.
+    """
 
     kind: str
     normalize: bool
@@ -94,7 +100,9 @@ class SearchIndex(Protocol):
     @property
     def dim(self) -> int: ...
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(
+        self, queries: np.ndarray, k: int, *, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _as_rows(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
@@ -117,6 +125,23 @@ def _check_k(k: int, ntotal: int) -> int:
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     return min(k, ntotal)
+
+
+def _checked_rows(rows: np.ndarray | None, ntotal: int) -> np.ndarray | None:
+    """Allowed gallery rows, ascending and unique (so ties still go to the lower row)."""
+    if rows is None:
+        return None
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if len(rows) and (rows[0] < 0 or rows[-1] >= ntotal):
+        raise ValueError(f"rows must lie in 0..{ntotal - 1}, got {rows[0]}..{rows[-1]}")
+    return rows
+
+
+def _unfilled(num_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.full((num_queries, k), -np.inf, dtype=np.float32),
+        np.full((num_queries, k), -1, dtype=np.int64),
+    )
 
 
 class ExactIndex:
@@ -153,22 +178,33 @@ class ExactIndex:
     def dim(self) -> int:
         return self.features.shape[1]
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64)."""
+    def search(
+        self, queries: np.ndarray, k: int, *, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64), among `rows`
+        when given (k capped at their number)."""
         import torch
 
         queries = _as_rows(queries, "queries", self.dim)
         if self.normalize:
             queries = l2_normalize(queries)
         k = _check_k(k, self.ntotal)
+        rows = _checked_rows(rows, self.ntotal)
+        gallery = self._gallery
+        if rows is not None:
+            k = min(k, len(rows))
+            if k == 0:
+                return _unfilled(len(queries), 0)
+            gallery = gallery[torch.from_numpy(rows).to(gallery.device)]  # (R, D)
         scores = np.empty((len(queries), k), dtype=np.float32)
         indices = np.empty((len(queries), k), dtype=np.int64)
         for start in range(0, len(queries), self.chunk_size):
-            q = torch.from_numpy(queries[start : start + self.chunk_size]).to(self._gallery.device)
-            sims = q @ self._gallery.T  # (C, N)
+            q = torch.from_numpy(queries[start : start + self.chunk_size]).to(gallery.device)
+            sims = q @ gallery.T  # (C, N) or (C, R)
             top, idx = _stable_topk(sims, k)
             scores[start : start + len(q)] = top.cpu().numpy()
-            indices[start : start + len(q)] = idx.cpu().numpy()
+            found = idx.cpu().numpy()
+            indices[start : start + len(q)] = found if rows is None else rows[found]
         return scores, indices
 
 
@@ -217,15 +253,45 @@ class FaissIndex:
     def dim(self) -> int:
         return int(self.index.d)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64)."""
+    def search(
+        self, queries: np.ndarray, k: int, *, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Nq, k) float32 descending, indices (Nq, k) int64), among `rows`
+        when given: a FAISS ID selector, so the index itself skips the other rows."""
         queries = _as_rows(queries, "queries", self.dim)
         if self.normalize:
             queries = l2_normalize(queries)
         k = _check_k(k, self.ntotal)
-        scores, indices = self.index.search(queries, k)
+        rows = _checked_rows(rows, self.ntotal)
+        if rows is None:
+            scores, indices = self.index.search(queries, k)
+        else:
+            k = min(k, len(rows))
+            if k == 0:
+                return _unfilled(len(queries), 0)
+            scores, indices = self._search_rows(queries, k, rows)
         scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
         return scores, indices.astype(np.int64)
+
+    def _search_rows(
+        self, queries: np.ndarray, k: int, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        faiss = import_faiss()
+        # A bitmap, one bit per gallery row: constant-time membership at any selectivity.
+        allowed = np.zeros(self.ntotal, dtype=bool)
+        allowed[rows] = True
+        bits = np.packbits(allowed, bitorder="little")  # kept alive through the search
+        selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bits))
+        index = self.cpu_index()  # GPU indexes take no selector; filtered search runs on CPU
+        if self.kind == "ivf":
+            nprobe = int(faiss.extract_index_ivf(index).nprobe)
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        elif self.kind == "hnsw":
+            ef = int(faiss.downcast_index(index).hnsw.efSearch)
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return index.search(queries, k, params=params)
 
     def cpu_index(self) -> faiss.Index:
         """The index on the CPU (a copy when it lives on a GPU), as faiss.write_index needs."""
@@ -312,13 +378,65 @@ def build_index(
 
 @dataclass
 class IndexFolder:
-    """A loaded index folder. `features` is a read-only memory map: rows load when touched."""
+    """A loaded index folder. `features` is a read-only memory map: rows load when touched.
+
+    As a gallery (see `reidkit.retrieval.gallery`), it searches with metadata filters: the
+    filter picks rows from meta.csv, and a FAISS ID selector keeps the index to them.
+    """
 
     folder: Path
     index: SearchIndex
     meta: pd.DataFrame
     info: dict[str, Any]
     features: np.ndarray
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    @property
+    def name(self) -> str:
+        return str(self.folder)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The metadata fields at least one row knows (folders before frames and times were
+        recorded simply lack those columns)."""
+        return known_fields(self.meta)
+
+    def search(
+        self, queries: np.ndarray, k: int, *, where: GalleryFilter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (scores descending, row numbers into `meta`; -1 where none) among the
+        rows `where` keeps."""
+        if where is None or where.is_empty:
+            return self.index.search(queries, k)
+        where.check_fields(self.fields, self.name)
+        return self.index.search(queries, k, rows=np.flatnonzero(where.mask(self.meta)))
+
+    def rows_meta(self, rows: np.ndarray) -> pd.DataFrame:
+        """The metadata of `rows` (row numbers), in their order."""
+        return self.meta.iloc[np.asarray(rows, dtype=np.int64)].reset_index(drop=True)
+
+
+def known_fields(meta: pd.DataFrame) -> tuple[str, ...]:
+    """The META_FIELDS that `meta` has and that at least one row knows (not -1, not empty)."""
+    known = []
+    for name in META_FIELDS:
+        if name not in meta.columns:
+            continue
+        column = meta[name]
+        if name == "path":
+            present = bool((column.astype(str) != "").any())
+        else:
+            present = bool((column.to_numpy(np.int64) != UNKNOWN).any())
+        if present:
+            known.append(name)
+    return tuple(known)
 
 
 def _rebuild_hint(folder: Path, info: dict[str, Any] | None = None) -> str:

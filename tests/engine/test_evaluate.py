@@ -111,7 +111,9 @@ def test_paper_row_is_found_for_a_paper_dataset_under_its_short_name(
 def test_gallery_index_search_agrees_with_the_distance_ranking(
     tiny_checkpoint, tiny_root, tmp_path: Path
 ):
-    index = build_gallery_index(tiny_checkpoint, tmp_path / "index", dataset="tiny", progress=False)
+    index = build_gallery_index(
+        tiny_checkpoint, tmp_path / "index", dataset="tiny", progress=False
+    ).out
     assert sorted(p.name for p in index.iterdir()) == [
         ".reidkit-index",  # the marker that lets a later extract replace it
         "features.npy",

@@ -58,5 +58,7 @@ def test_index_kind_defaults_to_the_checkpoints_eval_index(tiny_config, tmp_path
     pictures.mkdir()
     for i in range(3):
         Image.new("RGB", (32, 96), (40 * i, 80, 120)).save(pictures / f"000{i}_c1.jpg")
-    folder = build_gallery_index(checkpoint, tmp_path / "index", images=pictures, progress=False)
+    folder = build_gallery_index(
+        checkpoint, tmp_path / "index", images=pictures, progress=False
+    ).out
     assert load_index_folder(folder).info["index_kind"] == "hnsw"  # not the old fixed "flat"

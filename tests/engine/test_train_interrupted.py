@@ -101,12 +101,12 @@ def test_ctrl_c_in_the_first_epoch_says_no_checkpoint_was_saved(
 def test_ctrl_c_in_extract_leaves_no_index_and_gives_the_command(
     tmp_path: Path, monkeypatch, tiny_checkpoint
 ):
-    from reidkit.engine import search as search_module
+    from reidkit.engine import shards as shards_module  # where extraction embeds
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_module, "extract_features", stopped)
+    monkeypatch.setattr(shards_module, "extract_features", stopped)
     out = tmp_path / "index"
     result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
     assert result.exit_code == 130, result.output
@@ -128,7 +128,8 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
 
     def stopped(*args, **kwargs):
         real_save(*args, **kwargs)
-        raise KeyboardInterrupt
+        if Path(str(args[0])).name == "features.npy":  # the index's, not a feature shard's
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(index_module.np, "save", stopped)
     result = invoke("extract", tiny_checkpoint, "--dataset", "tiny", "--out", out)
@@ -136,7 +137,9 @@ def test_ctrl_c_while_saving_the_index_keeps_the_previous_one(
     (line,) = stderr_lines(result)
     assert f"{out} was not written (an index already there is unchanged)" in line
     assert (out / "features.npy").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    # the embedding had finished: its shards are kept, so running again only saves the index
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "index.shards"]
+    assert f"finished feature shard(s) are kept in {out}.shards" in line
 
 
 # ------------------------------------------------------------------ --resume

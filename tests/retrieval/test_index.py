@@ -101,6 +101,38 @@ def test_approximate_indexes_recall_at_10(kind):
     assert recall > 0.9
 
 
+@pytest.mark.parametrize("kind", ["exact", "flat", "ivf", "hnsw"])
+def test_search_among_rows_returns_only_those_rows_best_first(kind):
+    rng = np.random.default_rng(5)
+    gallery, queries = (
+        clustered_features(rng, 1200, dim=16, clusters=20),
+        random_features(rng, 8, 16),
+    )
+    rows = np.flatnonzero(rng.random(1200) < 0.1)  # a filter that keeps about 120 rows
+    # the reference: a stable argsort of the cosine over the kept rows alone
+    sims = l2_normalize(queries) @ l2_normalize(gallery[rows]).T
+    expected = rows[np.argsort(-sims, axis=1, kind="stable")[:, :10]]
+    index = build_index(gallery, kind, nprobe=64)  # ivf probes every list: exact on a subset
+    scores, found = index.search(queries, 10, rows=rows[::-1])  # any order of rows
+    assert np.isin(found, rows).all()
+    if kind in ("exact", "flat", "ivf"):
+        np.testing.assert_array_equal(found, expected)
+    else:  # hnsw is approximate, also among the kept rows
+        recall = np.mean([len(set(e) & set(f)) / 10 for e, f in zip(expected, found, strict=True)])
+        assert recall > 0.8
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat"])
+def test_search_among_fewer_rows_than_k_fills_the_rest_with_minus_one(kind):
+    gallery = random_features(np.random.default_rng(6), 50, 8)
+    scores, found = build_index(gallery, kind).search(gallery[:2], 5, rows=np.array([7, 3]))
+    assert found.shape == (2, 2)  # k capped at the rows kept
+    assert sorted(found[0].tolist()) == [3, 7]
+    scores, found = build_index(gallery, kind).search(gallery[:2], 5, rows=np.array([], int))
+    assert found.shape == scores.shape == (2, 0)
+
+
 def test_k_is_capped_at_the_gallery_size():
     gallery = random_features(np.random.default_rng(3), 5)
     for kind in ("exact", "flat"):
