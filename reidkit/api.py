@@ -33,7 +33,7 @@ from reidkit.data.datasets import parse_market_name
 from reidkit.data.loading import build_transform
 from reidkit.engine.checkpoint import checkpoint_digest
 from reidkit.engine.checkpoint import load_model as load_checkpoint_model
-from reidkit.engine.extract import embed_images
+from reidkit.engine.extract import check_finite, embed_images
 from reidkit.errors import DatasetError, NumericalError
 from reidkit.models.net import ReidNet
 from reidkit.retrieval.filters import GalleryFilter
@@ -89,11 +89,20 @@ class ReidModel:
     ) -> np.ndarray:
         """(N, D) float32 features of `images`, each row of unit length.
 
-        `flip` averages each image with its mirror image (default: the checkpoint's
-        `eval.flip`); `batch_size` defaults to its `eval.batch_size`.
+        `images` is a sequence of images (PIL images, (H, W, 3) uint8 arrays, paths), or one
+        image, which gives one row. `flip` averages each image with its mirror image
+        (default: the checkpoint's `eval.flip`); `batch_size` defaults to its
+        `eval.batch_size`.
         """
         flip = self.config.eval.flip if flip is None else flip
         batch_size = batch_size or self.config.eval.batch_size
+        if _is_one_image(images):  # a path string would otherwise be embedded letter by letter
+            images = [images]
+        elif not isinstance(images, Iterable):
+            raise DatasetError(
+                f"embed() takes images (PIL images, (H, W, 3) uint8 arrays or paths), one or a "
+                f"list of them; got a {type(images).__name__}"
+            )
         chunks, batch = [], []
         for item in images:
             batch.append(self._transform(_as_image(item)))
@@ -116,29 +125,47 @@ class ReidModel:
                 f"a CSALR landmark matrix became singular while embedding ({err}); retrain "
                 "with --set attention.landmark_weight=2"
             ) from None
+        check_finite(features)
         return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _is_one_image(item: object) -> bool:
+    """A single image, not a sequence of them: a path, a PIL image, an (H, W, 3) array."""
+    if isinstance(item, np.ndarray):
+        return item.ndim == 3
+    return isinstance(item, str | Path | Image.Image)
 
 
 def _as_image(item: ImageLike) -> Image.Image:
     """A PIL image from an image, an (H, W, 3) uint8 array or a path; one line if it is none."""
     if isinstance(item, Image.Image):
-        return item
+        return _with_pixels(item, "a PIL image")
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise DatasetError(
                 f"an image array must be (H, W, 3) uint8 RGB, got {item.dtype} {item.shape}"
             )
-        return Image.fromarray(item)
+        return _with_pixels(Image.fromarray(item), "an image array")
     if isinstance(item, str | Path):
         path = Path(item).expanduser()
         try:
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
-        except (OSError, ValueError) as err:
+                return _with_pixels(image.convert("RGB"), str(path))
+        except DatasetError:
+            raise
+        except Exception as err:  # PIL's errors have many types, DecompressionBombError too
             what = "does not exist" if not path.exists() else f"is not a readable image ({err})"
             raise DatasetError(f"{path} {what}") from None
     raise DatasetError(f"cannot embed a {type(item).__name__}; give PIL images, arrays or paths")
+
+
+def _with_pixels(image: Image.Image, what: str) -> Image.Image:
+    """`image`, unless it has no pixels (resizing an empty image would invent a feature)."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise DatasetError(f"{what} has no pixels ({width}x{height}); give a non-empty image")
+    return image
 
 
 def load_model(checkpoint: str | Path, *, device: str | torch.device | None = None) -> ReidModel:
@@ -174,6 +201,11 @@ class GalleryIndex:
         `reidkit extract --images` reads them (-1 for any other name or without `paths`).
         """
         features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.ndim != 2 or not features.size:
+            raise DatasetError(
+                f"GalleryIndex.build needs (N, D) features with N and D at least 1, got shape "
+                f"{features.shape}"
+            )
         n = len(features)
         names = [str(p) for p in paths] if paths is not None else [""] * n
         parsed = [parse_market_name(Path(name).name) or (-1, -1) for name in names]

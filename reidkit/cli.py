@@ -12,8 +12,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from reidkit.errors import Interrupted, ReidkitError
-from reidkit.outputs import OS_ERROR_HINTS, check_writable, write_text, writing
-from reidkit.terminal import OutputConsole
+from reidkit.outputs import (
+    OS_ERROR_HINTS,
+    check_output_file,
+    check_writable,
+    json_with_mark,
+    write_output_text,
+    writing,
+)
+from reidkit.terminal import OutputConsole, titled_table
 
 app = typer.Typer(
     help="Person re-identification: prepare benchmarks, train PCB/RPP + CSALR, evaluate, search.",
@@ -101,9 +108,10 @@ def command_line(*words: object) -> str:
     return shlex.join(str(w) for w in words)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON by rename (reidkit.outputs), so no partial file is ever at `path`."""
-    write_text(path, json.dumps(data, indent=2) + "\n")
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON by rename (reidkit.outputs), so no partial file is ever at `path`, with
+    reidkit's mark, so a later run may replace it."""
+    write_output_text(path, "json", json.dumps(json_with_mark(data), indent=2) + "\n")
 
 
 def show_version(value: bool) -> None:
@@ -185,7 +193,7 @@ def prepare(
     cameras: Annotated[int, typer.Option(help="synthetic: cameras")] = 4,
 ) -> None:
     """Verify a dataset against its published counts and write ROOT/NAME/manifest.csv."""
-    from reidkit.data.datasets import canonical_name
+    from reidkit.data.datasets import DATASET_NAMES, canonical_name
     from reidkit.data.prepare import CountMismatchError, prepare_dataset
     from reidkit.data.synthetic import SyntheticSpec
 
@@ -217,24 +225,34 @@ def prepare(
         raise fail(err) from None
     except KeyboardInterrupt:
         again = ["reidkit", "prepare", dataset, root]
+        # every option given, so the command makes the same dataset (synthetic: its spec)
         for option, value, default in (
             ("--source", source, None),
             ("--name", name, None),
             ("--variant", variant, "detected"),
+            ("--seed", seed, 0),
+            ("--train-ids", train_ids, 60),
+            ("--test-ids", test_ids, 40),
+            ("--cameras", cameras, 4),
         ):
             if value != default:
                 again += [option, value]
         again += [flag for flag, on in (("--allow-mismatch", allow_mismatch),
-                                        ("--quick-check", quick_check)) if on]  # fmt: skip
+                                        ("--quick-check", quick_check),
+                                        ("--check-images", check_images)) if on]  # fmt: skip
+        staged = {
+            "synthetic": "the images generated so far were removed",
+            "custom": "nothing else was written",
+        }.get(
+            DATASET_NAMES.get(dataset.strip().lower(), ""), "its temporary extraction was removed"
+        )
         raise interrupted(
             f"interrupted: no manifest was written, so nothing under {root} is a prepared "
-            "dataset from this run; its temporary extraction was removed; run again with: "
-            f"{command_line(*again)}"
+            f"dataset from this run; {staged}; run again with: {command_line(*again)}"
         ) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    title = f"{result.name}: {result.manifest}"
-    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
+    table = titled_table(f"{result.name}: {result.manifest}")  # the title is never folded
     for column in ("split", "identities", "images", "cameras"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for row in result.splits:
@@ -252,8 +270,9 @@ def prepare(
 @app.command()
 def train(
     preset: Annotated[
-        str, typer.Option(help="preset name (see `reidkit presets`) or a .toml file")
-    ] = "smoke",
+        str | None,
+        typer.Option(help="preset name (see `reidkit presets`) or a .toml file (default: smoke)"),
+    ] = None,
     dataset: Annotated[
         str | None, typer.Option(help="prepared dataset (default: the preset's)")
     ] = None,
@@ -294,10 +313,10 @@ def train(
             # the default folder, and --set may change only what is safe to change
             if out is None:
                 located = [item for item in extra if item.startswith("data.dataset=")]
-                out = default_run_folder(load_preset(preset, located))
-            config = resume_config(out, extra)
+                out = default_run_folder(load_preset(preset or "smoke", located))
+            config = resume_config(out, extra, preset=preset)
         else:
-            config = load_preset(preset, extra)
+            config = load_preset(preset or "smoke", extra)
         checkpoint = fit(config, out, resume=resume)
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
@@ -323,7 +342,7 @@ def report_table(report) -> Table:
         f"{report.preset} on {report.dataset}: {report.num_query:,} queries, "
         f"{report.num_gallery:,} gallery images"
     )
-    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
+    table = titled_table(title)  # as wide as its title: never folded
     table.add_column("")
     for column in ("R1", "R5", "R10", "mAP", "mINP"):
         table.add_column(column, justify="right")
@@ -416,9 +435,11 @@ def evaluate(
     check_choice("--ap-mode", ap_mode, AP_MODES)
     check_choice("--feature", feature, FEATURES)
     try:
-        for option, path in (("--json", json_out), ("--cmc-plot", cmc_plot)):
-            if path is not None:
-                check_writable(option, path)
+        if json_out is not None:
+            check_output_file("--json", json_out, "json", inputs=[("the checkpoint", checkpoint)])
+        if cmc_plot is not None:
+            inputs = [("the checkpoint", checkpoint), ("the --json output", json_out)]
+            check_output_file("--cmc-plot", cmc_plot, "png", inputs=inputs)
         report = run_evaluation(
             checkpoint,
             dataset,
@@ -565,8 +586,7 @@ def extract(
 def print_search(results) -> None:
     for result in results:
         pid = "unknown" if result.query_pid is None else str(result.query_pid)
-        title = f"{result.query} (pid {pid})"
-        table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
+        table = titled_table(f"{result.query} (pid {pid})")  # as wide as its title
         for column in ("rank", "score", "pid", "camera", "match", "path"):
             table.add_column(column, justify="right" if column in ("rank", "score") else "left")
         for m in result.matches:
@@ -613,7 +633,8 @@ def search(
 
     try:
         where = filter_from_options(camera, after, before, path_prefix)
-        check_writable("--save", save)
+        queried = [("the query image", query) for query in queries]
+        check_output_file("--save", save, "png", inputs=queried)
         gallery = index if index is None or is_milvus(index) else Path(index)
         results = search_index(queries, gallery, top=top, where=where, collection=collection)
         with writing("--save", save):
@@ -667,8 +688,7 @@ def export(
     from reidkit.engine.export import export_onnx
 
     try:
-        check_writable("--out", out)
-        with writing("--out", out):
+        with writing("--out", out):  # export_onnx checks --out first, before any work
             report = export_onnx(checkpoint, out, check_images=check_images)
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
@@ -721,7 +741,8 @@ def attention(
     except typer.BadParameter as err:
         raise fail(ValueError(f"--point {err.message}"), 2) from None
     try:
-        check_writable("--out", out)
+        inputs = [("the checkpoint", checkpoint), ("the image", image)]
+        check_output_file("--out", out, "png", inputs=inputs)
         result = attention_maps(checkpoint, image, stage=stage, group=group, points=points)
         title = f"{image.name}: {result.kind} after stage {result.stage}, group {result.group}"
         with writing("--out", out):
@@ -761,22 +782,22 @@ def compare(
     """Finished runs side by side: metrics, the paper's row, epochs, time, images/s, memory."""
     from reidkit.engine.compare import (
         comparison_frame,
+        run_checkpoint,
         save_comparison_plot,
+        save_comparison_tables,
         summarise_run,
-        to_markdown,
     )
 
     check_choice("--ap-mode", ap_mode, AP_MODES)
     outputs = {suffix: out.with_name(out.name + suffix) for suffix in (".md", ".csv", ".png")}
     try:
-        for path in outputs.values():
-            check_writable("--out", path)
+        inputs = [("the checkpoint", run_checkpoint(run)) for run in runs]
+        for path, kind in zip(outputs.values(), ("markdown", "csv", "png"), strict=True):
+            check_output_file("--out", path, kind, inputs=inputs)
         summaries = [summarise_run(run, ap_mode=ap_mode) for run in runs]
         frame = comparison_frame(summaries)
         with writing("--out", outputs[".md"]):
-            write_text(outputs[".md"], to_markdown(frame))
-        with writing("--out", outputs[".csv"]):
-            write_text(outputs[".csv"], frame.to_csv(index=False))
+            save_comparison_tables(frame, outputs[".md"], outputs[".csv"])
         with writing("--out", outputs[".png"]):
             save_comparison_plot(summaries, outputs[".png"])
     except (ReidkitError, OSError) as err:

@@ -175,9 +175,20 @@ def available_presets() -> dict[str, Path]:
 
 def preset_description(path: Path) -> str:
     """The `description` line of a preset file, without building the whole config."""
+    return str(_read_toml(path).get("description", ""))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A preset's tables; one line for a file that is not UTF-8 TOML (binary, UTF-16, ...)."""
     try:
         with open(path, "rb") as f:
-            return str(tomllib.load(f).get("description", ""))
+            return tomllib.load(f)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"preset {path} is not a UTF-8 text file (byte {err.start} is "
+            f"{err.object[err.start : err.start + 1]!r}); a preset is TOML, which is UTF-8 text: "
+            "give a .toml file (see `reidkit presets`)"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"preset {path} is not valid TOML: {err}") from None
 
@@ -187,12 +198,7 @@ def load_preset(
 ) -> RunConfig:
     """RunConfig from a shipped preset name or a TOML file, then `section.key=value` overrides."""
     path = _resolve_preset(name_or_path)
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"preset {path} is not valid TOML: {err}") from None
-    config = config_from_dict(raw, source=str(path), default_name=path.stem)
+    config = config_from_dict(_read_toml(path), source=str(path), default_name=path.stem)
     return apply_overrides(config, overrides)
 
 
@@ -203,6 +209,11 @@ def _resolve_preset(name_or_path: str | Path) -> Path:
         if path.is_dir():
             raise ConfigError(f"preset file {path} is a folder; give a .toml file")
         if not path.is_file():
+            if os.path.exists(path):
+                raise ConfigError(
+                    f"preset file {path} is not a regular file (a device, pipe or socket); give "
+                    "a .toml file"
+                )
             raise ConfigError(f"preset file {path} does not exist")
         return path
     presets = available_presets()
@@ -430,7 +441,8 @@ FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("train.rpp_epochs", _at_least(0), "0 (PCB only) or a number of epochs"),
     # more than rpp_epochs is allowed: the whole RPP stage then trains the classifier alone
     ("train.rpp_classifier_epochs", _at_least(0), "0 or a number of epochs"),
-    ("train.batch_size", _at_least(1), "at least 1 image"),
+    # BatchNorm needs 2 values per channel to normalise a training batch
+    ("train.batch_size", _at_least(2), "at least 2 images (BatchNorm needs 2 per batch)"),
     ("train.lr", _above(0), "a positive learning rate"),
     ("train.trunk_lr_mult", _at_least(0), "0 (frozen trunk) or a positive multiplier"),
     ("train.attention_lr_mult", _at_least(0), "0 (frozen attention) or a positive multiplier"),

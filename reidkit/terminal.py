@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import rich
 import rich.console
+from rich.cells import cell_len
 from rich.console import ConsoleDimensions
+from rich.table import Table
 
 # Width given to output that is not a terminal: wide enough that no line, table row or command
 # is ever folded (a folded path or command cannot be copied back); tables keep their natural
@@ -40,3 +42,11 @@ def draws_bars(progress: bool, console: rich.console.Console | None = None) -> b
     so none is drawn. `console` defaults to Rich's global one (standard output).
     """
     return progress and (console or rich.get_console()).is_terminal
+
+
+def titled_table(title: str, **options) -> Table:
+    """A table at least as wide as its title, so that the title (a path) is never folded.
+
+    The width counts terminal cells, not characters: a CJK character takes two.
+    """
+    return Table(title=title, min_width=cell_len(title), **options)

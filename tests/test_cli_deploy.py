@@ -125,7 +125,9 @@ def test_compare_writes_markdown_csv_and_png_with_each_runs_evaluation(two_runs,
         saved = json.loads((run / "evaluation.json").read_text())
         assert saved["ap_mode"] == "official"
     markdown = prefix.with_name("table.md").read_text()
-    assert markdown.count("\n") == 2 + len(two_runs) and "| run | preset |" in markdown
+    # header, rule, one row per run, then reidkit's mark (a later --out may replace the file)
+    assert markdown.count("\n") == 3 + len(two_runs) and "| run | preset |" in markdown
+    assert markdown.splitlines()[-1].startswith("<!-- written_by: reidkit ")
     with Image.open(prefix.with_name("table.png")) as png:
         assert png.format == "PNG"
 

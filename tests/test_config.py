@@ -168,7 +168,8 @@ def test_data_root_prefers_argument_then_environment(monkeypatch, tmp_path: Path
         ("train.epochs=0", "train.epochs = 0: give at least 1"),
         ("train.rpp_epochs=-1", "train.rpp_epochs = -1: give 0"),
         ("train.rpp_classifier_epochs=-1", "train.rpp_classifier_epochs = -1: give 0"),
-        ("train.batch_size=0", "train.batch_size = 0: give at least 1"),
+        # BatchNorm cannot normalise a batch of 1: refused here, not in the first step
+        ("train.batch_size=1", "train.batch_size = 1: give at least 2 images (BatchNorm"),
         ("train.lr=0", "train.lr = 0.0: give a positive learning rate"),
         ("train.lr=inf", "train.lr = inf: give a positive learning rate"),
         ("train.trunk_lr_mult=-0.1", "train.trunk_lr_mult = -0.1: give 0"),

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from reidkit.errors import DatasetError
@@ -33,6 +34,27 @@ def negative_pid_error(pid: int, where: str) -> DatasetError:
         f"{where}: pid {pid} is negative; pids are 0 or more, and only -1 has a meaning "
         "(a junk box, dropped, as in Market-1501): renumber the identities"
     )
+
+
+# Pids and camera ids are stored as 64-bit integers (numpy, pandas, torch): a larger number
+# would wrap around (to a negative pid) or break every command that reads the manifest.
+ID_MAX = 2**63 - 1
+
+
+def too_large_error(column: str, value: int | str, where: str) -> DatasetError:
+    """The one rule for a pid or camid beyond 64 bits: refused at prepare, naming the row."""
+    negative = str(value).strip().startswith("-")
+    limit = f"at least {-ID_MAX - 1:,}" if negative else f"at most {ID_MAX:,}"
+    return DatasetError(
+        f"{where}: {column} {value} is too {'small' if negative else 'large'} ({limit}, a "
+        "64-bit integer): renumber the identities"
+    )
+
+
+def check_id_range(column: str, value: int, where: str) -> None:
+    """Refuse a pid or camid (read from a file name) that does not fit 64 bits."""
+    if not -ID_MAX - 1 <= value <= ID_MAX:
+        raise too_large_error(column, value, where)
 
 
 MANIFEST_NAME = "manifest.csv"
@@ -295,6 +317,11 @@ def read_manifest(path: Path) -> pd.DataFrame:
 def _prepare_hint(folder: Path) -> str:
     """How to prepare the dataset a missing ROOT/NAME/manifest.csv stands for."""
     name, root = folder.name, folder.parent
+    if os.path.lexists(root) and not root.is_dir():  # `prepare ... ROOT` would fail on it too
+        return (
+            f"the data root {root} is a file, not a folder: give the folder that holds prepared "
+            "datasets (--data-root or $REIDKIT_DATA)"
+        )
     for spec in DATASETS.values():
         for variant, layout in spec.variants.items():
             if layout.default_name == name:
@@ -363,11 +390,20 @@ def resolve_paths(paths: list[str], folder: Path) -> list[str]:
 
 
 def _integer_column(values: pd.Series, column: str, path: Path) -> pd.Series:
+    """A column of integers as int64; a value that is not one (text, inf, 1.5) or does not
+    fit 64 bits is refused naming its line."""
     numbers = pd.to_numeric(values, errors="coerce")
-    bad = numbers.isna() | (numbers != numbers.round())
+    # to_numeric reads "inf" as infinity and a 20-digit number as an inexact float
+    bad = numbers.isna() | ~np.isfinite(numbers) | (numbers != numbers.round())
     if bad.any():
         row = int(bad.to_numpy().argmax())
         raise DatasetError(
             f"{path} line {row + 2}: {column} {values.iloc[row]!r} is not an integer"
         )
+    near_limit = numbers.abs() >= 2**53  # past float64's exact integers: check the text
+    for row in np.flatnonzero(near_limit.to_numpy()):
+        text = str(values.iloc[row]).strip()
+        exact = int(text) if re.fullmatch(r"[-+]?\d+", text) else int(float(text))
+        if not -ID_MAX - 1 <= exact <= ID_MAX:
+            raise too_large_error(column, text, f"{path} line {row + 2}")
     return numbers.astype("int64")

@@ -14,6 +14,7 @@ camid column; a CSV without one gets QUERY_CAMID / OTHER_CAMID (see below).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import itertools
 import json
@@ -56,6 +57,7 @@ from reidkit.data.datasets import (
     PublishedCounts,
     VariantSpec,
     canonical_name,
+    check_id_range,
     negative_pid_error,
     parse_market_name,
     parse_msmt17_camera,
@@ -65,7 +67,7 @@ from reidkit.data.datasets import (
 )
 from reidkit.data.synthetic import SyntheticSpec, generate_synthetic
 from reidkit.errors import DatasetError
-from reidkit.outputs import write_text
+from reidkit.outputs import check_writable, os_error_reason, write_text
 from reidkit.terminal import draws_bars
 
 RECORD_NAME = "dataset.json"
@@ -146,14 +148,21 @@ def prepare_dataset(
     images: ImageCheck = "recheck" if check_images else "quick" if quick_check else "full"
     canonical = canonical_name(dataset)
     root = Path(os.path.abspath(Path(root).expanduser()))
+    if os.path.lexists(root) and not root.is_dir():
+        raise DatasetError(
+            f"ROOT {root} is a file, not a folder; give the folder to prepare datasets in (the "
+            "dataset goes to ROOT/NAME)"
+        )
     if source is not None:
         source = Path(os.path.abspath(Path(source).expanduser()))
     if canonical == "synthetic":
         folder = root / _folder_name(name, "synthetic")
-        return _prepare_synthetic(synthetic or SyntheticSpec(), folder, progress)
+        with _preparing(folder):
+            return _prepare_synthetic(synthetic or SyntheticSpec(), folder, progress)
     if canonical == "custom":
         folder = root / _folder_name(name, "custom")
-        return _prepare_custom(folder, source, images, progress)
+        with _preparing(folder):
+            return _prepare_custom(folder, source, images, progress)
     if canonical in LIST_DATASETS:
         listed = LIST_DATASETS[canonical]
         if variant != DEFAULT_VARIANT:
@@ -162,14 +171,47 @@ def prepare_dataset(
                 "labeled) applies to cuhk03-np only"
             )
         folder = root / _folder_name(name, listed.name)
-        return _prepare_listed(listed, folder, source, allow_mismatch, images, progress)
+        with _preparing(folder):
+            return _prepare_listed(listed, folder, source, allow_mismatch, images, progress)
     spec = DATASETS[canonical]
     layout = spec.variant(variant)
     folder = root / _folder_name(name, layout.default_name)
     variant_key = variant if len(spec.variants) > 1 else None  # recorded, and checked on reuse
-    return _prepare_official(
-        spec, layout, variant_key, folder, source, allow_mismatch, images, progress
-    )
+    with _preparing(folder):
+        return _prepare_official(
+            spec, layout, variant_key, folder, source, allow_mismatch, images, progress
+        )
+
+
+@contextmanager
+def _preparing(folder: Path) -> Iterator[None]:
+    """On any failure, remove the folders this prepare made on the way to `folder` (empty
+    ones only), and name `folder` where the system names a staging path or nothing (a full
+    disk while images are generated or extracted)."""
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first
+    try:
+        yield
+    except BaseException as err:
+        for path in made:
+            if not os.path.lexists(path):  # never made after all (e.g. ROOT/NAME)
+                continue
+            try:
+                path.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): what is above it stays too
+        if isinstance(err, OSError) and (
+            err.errno in (errno.ENOSPC, errno.EDQUOT) or err.filename is None
+        ):
+            raise DatasetError(
+                f"cannot prepare {folder}: {os_error_reason(err)}; nothing was prepared there "
+                "(the staging files were removed)"
+            ) from None
+        raise
+
+
+def _check_root_writable(folder: Path) -> None:
+    """Refuse, naming ROOT, a place where nothing can be written, before staging anything."""
+    check_writable("ROOT", folder, folder=True)
 
 
 # ---------------------------------------------------------------- the three kinds of dataset
@@ -193,6 +235,7 @@ def _prepare_official(
         # re-running a finished command stays harmless, but say that the source was not read
         note = f"{folder} is already prepared, so --source was not read"
         return replace(result, warnings=(*result.warnings, note))
+    _check_root_writable(folder)
     warnings = _leftovers(folder)
     base, source = _locate(spec, layout, folder, source, warnings)
     if base is not None:
@@ -226,6 +269,7 @@ def _prepare_custom(
             "bounding_box_test/ (files named PID_cCAM_*.jpg) or a CSV with columns "
             "path,pid,split and optionally camid"
         )
+    _check_root_writable(folder)
     notes: list[str] = []
     if source.is_dir():
         frame, junk = _scan_layout(source, CUSTOM_EXTENSIONS)
@@ -261,6 +305,7 @@ def _prepare_synthetic(spec: SyntheticSpec, folder: Path, progress: bool) -> Pre
             f"{folder} exists and was not made by `reidkit prepare synthetic`; "
             "pass another --name or remove it"
         )
+    _check_root_writable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging(folder)
     try:
@@ -386,6 +431,7 @@ def _prepare_listed(
             return result
         note = f"{folder} is already prepared, so --source was not read"
         return replace(result, warnings=(*result.warnings, note))
+    _check_root_writable(folder)
     warnings = _leftovers(folder)
     source = _find_listed_source(spec, folder, source)
     if source.is_dir():
@@ -537,6 +583,7 @@ def _scan_lists(
                         "0000_000_01_0303morning_0015_0.jpg)"
                     )
                 pid = int(fields[1])
+                check_id_range("pid", pid, where)
                 if pid == JUNK_PID:
                     junk += 1
                     continue
@@ -718,6 +765,12 @@ def _scan_layout(base: Path, extensions: tuple[str, ...]) -> tuple[pd.DataFrame,
         for filename in names:
             if os.path.splitext(filename)[1].lower() not in extensions:
                 continue
+            if not _is_utf8(filename):
+                # manifest.csv is UTF-8: such a name could not be written into it
+                raise DatasetError(
+                    f"{split_folder}: the file name {os.fsencode(filename)!r} is not valid "
+                    "UTF-8, which manifest.csv needs; rename the file"
+                )
             ids = parse_market_name(filename)
             if ids is None:
                 raise DatasetError(
@@ -725,6 +778,8 @@ def _scan_layout(base: Path, extensions: tuple[str, ...]) -> tuple[pd.DataFrame,
                     "0002_c1s1_000451_03.jpg); rename or remove the file"
                 )
             pid, camid = ids
+            check_id_range("pid", pid, f"{prefix}{filename}")
+            check_id_range("camid", camid, f"{prefix}{filename}")
             if pid == JUNK_PID:
                 junk += 1
                 continue
@@ -732,6 +787,15 @@ def _scan_layout(base: Path, extensions: tuple[str, ...]) -> tuple[pd.DataFrame,
                 raise negative_pid_error(pid, f"{prefix}{filename}")
             rows.append((prefix + filename, pid, camid, split))
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), junk
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name os.scandir decoded with surrogate escapes (bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_custom_csv(csv: Path) -> tuple[pd.DataFrame, int]:
@@ -894,9 +958,16 @@ def _write(
     ]
     out = frame.assign(path=paths)[list(MANIFEST_COLUMNS)]
     full_record = {**record, "verified": verified, "notes": notes, "reidkit": __version__}
+    text = out.to_csv(index=False, lineterminator="\n")
+    for row, path in enumerate(out["path"], start=2):  # both texts can be written, or neither
+        if not _is_utf8(path):
+            raise DatasetError(
+                f"{os.fsencode(path)!r} (manifest line {row}) is not valid UTF-8, which "
+                "manifest.csv needs; rename the file"
+            )
     write_text(folder / RECORD_NAME, json.dumps(full_record, indent=2) + "\n")
     manifest = folder / MANIFEST_NAME
-    write_text(manifest, out.to_csv(index=False, lineterminator="\n"))
+    write_text(manifest, text)
     return manifest
 
 

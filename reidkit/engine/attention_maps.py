@@ -63,7 +63,8 @@ def attention_maps(
     config = state.config
     if not net.attention_stages:
         raise ConfigError(f"{checkpoint} has no attention modules (attention.kind = none)")
-    stage = stage or net.attention_stages[0]
+    if stage is None:  # not `stage or ...`: --stage 0 is a stage to refuse, not "the first"
+        stage = net.attention_stages[0]
     if stage not in net.attention_stages:
         raise ConfigError(
             f"{checkpoint} has attention after stages {list(net.attention_stages)}, not {stage}"
@@ -76,7 +77,7 @@ def attention_maps(
     try:
         with Image.open(image_path) as image:
             pil = image.convert("RGB")
-    except (OSError, ValueError) as err:
+    except Exception as err:  # PIL reports bad data with many types, DecompressionBombError too
         what = "does not exist" if not Path(image_path).exists() else f"is not an image ({err})"
         raise DatasetError(f"{image_path} {what}") from None
     data = config.data

@@ -2,11 +2,14 @@
 
 Every value is a tensor, a number, a string, a list or a dict, so `torch.load(weights_only=True)`
 reads it without unpickling arbitrary objects: a checkpoint from someone else is safe to open.
+Every tensor's bytes are covered by a SHA-256 stored in the file and checked when it loads:
+torch does not check the zip's CRCs, so a flipped byte would otherwise load as a wrong weight.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import pickletools
 import random
@@ -27,7 +30,8 @@ from reidkit.models.net import ReidNet, build_model
 from reidkit.outputs import atomic_write
 
 FORMAT = "reidkit-checkpoint"
-FORMAT_VERSION = 1
+# 2: a "checksum" of every tensor. Version 1 files (without one) still load, unchecked.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -66,9 +70,43 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "rng": checkpoint.rng,
         "history": checkpoint.history,
     }
+    payload["checksum"] = {"sha256": tensor_checksum(payload)}
     with atomic_write(path, durable=True) as temporary:
         with open(temporary, "wb") as f:
-            torch.save(payload, f)
+            try:
+                torch.save(payload, f)
+            except RuntimeError as err:
+                # Interrupted by Ctrl-C or a full disk, torch's zip writer still finalises the
+                # archive on the way out, fails ("unexpected pos") and raises that instead:
+                # re-raise the cause, which the caller reports in one line.
+                cause = err.__context__
+                if isinstance(cause, KeyboardInterrupt | OSError):
+                    raise cause from None
+                raise
+
+
+def tensor_checksum(payload: Any) -> str:
+    """SHA-256 over every tensor in `payload` (nested dicts and lists): where it sits, its
+    dtype, shape and bytes. A "checksum" entry is left out: it is what this computes."""
+    digest = hashlib.sha256()
+    for where, tensor in _tensors(payload, ()):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{where}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(data.numpy()))
+    return digest.hexdigest()
+
+
+def _tensors(value: Any, where: tuple[str, ...]):
+    """(path, tensor) of every tensor under `value`, in an order that survives a save/load."""
+    if isinstance(value, torch.Tensor):
+        yield "/".join(where), value
+    elif isinstance(value, dict):
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            if not (where == () and key == "checksum"):
+                yield from _tensors(value[key], (*where, str(key)))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _tensors(item, (*where, str(i)))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -83,6 +121,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
         raise CheckpointError(f"checkpoint {path} is a folder, not a file; give {expected}")
     if not path.is_file():
+        if os.path.exists(path):  # a device, a pipe or a socket: reading it would not end
+            raise CheckpointError(
+                f"checkpoint {path} is not a regular file (a device, pipe or socket); give a "
+                "checkpoint file written by `reidkit train` (runs/<name>/last.pt)"
+            )
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `reidkit train`")
     try:
         with warnings.catch_warnings():
@@ -110,6 +153,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"upgrade reidkit (this is {__version__})"
         )
     _check_payload(path, payload)
+    _check_tensors(path, payload, version)
     try:
         config = config_from_dict(payload["config"], source=f"{path} config")
     except ConfigError as err:
@@ -218,6 +262,29 @@ def _check_payload(path: Path, payload: dict[str, Any]) -> None:
         raise _damaged(path, "history is not a list of epochs")
 
 
+def _check_tensors(path: Path, payload: dict[str, Any], version: int) -> None:
+    """Refuse tensors that differ from those saved (the checksum) or weights that are not
+    finite (NaN or infinity: every feature of such a model is NaN)."""
+    if version >= 2:
+        stored = payload.get("checksum")
+        if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
+            raise _damaged(path, "it lacks the checksum of its tensors")
+        if stored["sha256"] != tensor_checksum(payload):
+            raise _damaged(
+                path,
+                "its tensors do not match the checksum stored in it (bytes changed after it "
+                "was written: a bad disk, copy or download)",
+            )
+    for name, tensor in payload["model"].items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{path} holds non-finite weights: {bad:,} of the {tensor.numel():,} values of "
+                f"{name} are NaN or infinite, so every feature would be NaN; use a checkpoint "
+                "from before the run diverged, or train again"
+            )
+
+
 def capture_rng() -> dict[str, Any]:
     """Random states of torch (CPU and CUDA), numpy and Python as checkpoint-safe plain data."""
     np_state = np.random.get_state()
@@ -254,31 +321,49 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def model_from_checkpoint(checkpoint: Checkpoint) -> ReidNet:
-    """The network a checkpoint describes, with its weights; ImageNet files are not needed."""
+def model_from_checkpoint(checkpoint: Checkpoint, source: Path | str = "the checkpoint") -> ReidNet:
+    """The network a checkpoint describes, with its weights; ImageNet files are not needed.
+
+    `source` (the file) names it when its weights do not fit its config: missing, unexpected
+    or differently shaped tensors, summarised in one line.
+    """
     config = checkpoint.config
     # The head recorded is the one the weights belong to (an RPP run saves PCB weights first).
     model_config = replace(config.model, pretrained=False, head=checkpoint.head)
     model = build_model(replace(config, model=model_config), checkpoint.num_ids)
-    result = model.load_state_dict(checkpoint.model, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys, result.unexpected_keys
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in checkpoint.model]
+    unexpected = [key for key in checkpoint.model if key not in expected]
+    reshaped = [
+        f"{key} is {_shape(checkpoint.model[key])} in the file, {_shape(expected[key])} here"
+        for key in expected
+        if key in checkpoint.model and checkpoint.model[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or reshaped:
+        found = []
+        if reshaped:
+            found.append(f"{len(reshaped)} of another shape (e.g. {reshaped[0]})")
+        if missing:
+            found.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(
-            f"the checkpoint's weights do not fit its own config ({len(missing)} missing, e.g. "
-            f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}); it was edited "
-            "or written by an incompatible reidkit"
+            f"{source}: its weights do not fit its own config (num_ids {checkpoint.num_ids}, "
+            f"head {checkpoint.head}): {'; '.join(found)}; it was edited or written by an "
+            "incompatible reidkit: use an intact checkpoint or train again"
         )
+    model.load_state_dict(checkpoint.model)
     return model
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "a scalar"
 
 
 def load_model(path: Path) -> tuple[ReidNet, Checkpoint]:
     """`load_checkpoint` + `model_from_checkpoint`, in evaluation mode on the CPU."""
     checkpoint = load_checkpoint(path)
-    try:
-        model = model_from_checkpoint(checkpoint)
-    except RuntimeError as err:  # shape mismatches from load_state_dict
-        raise CheckpointError(f"{path}: weights do not fit the recorded model: {err}") from None
-    return model.eval(), checkpoint
+    return model_from_checkpoint(checkpoint, path).eval(), checkpoint
 
 
 def checkpoint_digest(path: Path) -> str:

@@ -3,7 +3,8 @@
 Each run folder (what `reidkit train --out` wrote) gives its preset, dataset, epochs, time,
 images/s and peak memory from its checkpoint's history, and its CMC/mAP/mINP from an
 evaluation on its own dataset. That evaluation is kept in the folder as `evaluation.json`
-and reused while the checkpoint's epoch and the AP mode are the same.
+(in a folder marked as a run, `.reidkit-run`: reidkit writes into no other) and reused while
+the checkpoint's epoch and the AP mode are the same.
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ import pandas as pd
 from reidkit.config import PaperRow
 from reidkit.engine.checkpoint import load_checkpoint
 from reidkit.engine.evaluate import run_evaluation
+from reidkit.engine.train import RUN_MARKER
 from reidkit.errors import CheckpointError
-from reidkit.outputs import atomic_write, write_text
+from reidkit.outputs import (
+    MARK,
+    MARK_KEY,
+    is_marked_folder,
+    markdown_mark,
+    output_file,
+    png_mark,
+    write_output_text,
+    write_text,
+)
 
 EVALUATION_NAME = "evaluation.json"
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -73,7 +84,8 @@ def summarise_run(
     if saved is None or saved.get("epoch") != state.epoch or saved.get("ap_mode") != ap_mode:
         report = evaluate(checkpoint, ap_mode=ap_mode, progress=progress)
         saved = {**report.as_dict(), "epoch": state.epoch}
-        _write_json(folder / EVALUATION_NAME, saved)
+        if is_marked_folder(folder, RUN_MARKER):  # not into a folder reidkit did not make
+            _write_json(folder / EVALUATION_NAME, saved)
     history = pd.DataFrame(state.history)
     seconds = float(history["seconds"].sum()) if "seconds" in history else 0.0
     images = (history["images_per_second"] * history["seconds"]).sum() if seconds else 0.0
@@ -155,9 +167,16 @@ def save_comparison_plot(summaries: Sequence[RunSummary], out: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
-    with atomic_write(out) as temporary:
-        figure.savefig(temporary, format="png")
+    with output_file(out, "png") as temporary:
+        figure.savefig(temporary, format="png", metadata=png_mark())
     return out
+
+
+def save_comparison_tables(frame: pd.DataFrame, markdown: Path, table: Path) -> None:
+    """OUT.md and OUT.csv, each with reidkit's mark (a closing comment, a `written_by`
+    column), so a later `compare --out` may replace them and nothing else."""
+    write_output_text(markdown, "markdown", to_markdown(frame) + markdown_mark())
+    write_output_text(table, "csv", frame.assign(**{MARK_KEY: MARK}).to_csv(index=False))
 
 
 def _read_evaluation(path: Path) -> dict | None:

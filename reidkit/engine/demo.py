@@ -15,10 +15,12 @@ from reidkit.engine.evaluate import EvaluationReport, run_evaluation
 from reidkit.engine.search import (
     QueryResult,
     build_gallery_index,
+    check_index_out,
     save_results_montage,
     search_index,
 )
-from reidkit.engine.train import fit
+from reidkit.engine.train import RUN_MARKER, fit
+from reidkit.outputs import check_output_file, check_output_folder
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,15 @@ def run_demo(
     of `smoke`; tests shrink both.
     """
     out = Path(out).expanduser()
-    data = out / "data"
+    data, run, index = out / "data", out / "run", out / "index"
+    # what the last steps write is checked now, not after minutes of training
+    check_output_folder("--out", run, RUN_MARKER, "a run folder", adopt=(run / "last.pt").is_file())
+    check_index_out(index)
+    check_output_file("--out", out / "ranked.png", "png")
     step(f"1/5 preparing the synthetic dataset in {data}")
     dataset = prepare_dataset("synthetic", data, synthetic=spec, progress=progress)
 
     config = load_preset("smoke", [f"data.root={data}", "data.dataset=synthetic", *overrides])
-    run = out / "run"
     checkpoint = run / "last.pt"
     finished = checkpoint.exists() and load_checkpoint(checkpoint).epoch >= config.train.epochs
     step(f"2/5 {'reusing the finished run in' if finished else 'training preset smoke into'} {run}")
@@ -68,7 +73,6 @@ def run_demo(
     step("3/5 evaluating on the query / gallery split")
     report = run_evaluation(checkpoint, "synthetic", root=data, progress=progress)
 
-    index = out / "index"
     step(f"4/5 building the gallery index in {index}")
     build_gallery_index(checkpoint, index, dataset="synthetic", root=data, progress=progress)
 

@@ -26,10 +26,10 @@ from reidkit.data.datasets import dataset_folder, manifest_path
 from reidkit.data.loading import IMAGENET_MEAN, IMAGENET_STD, build_loader, read_manifest
 from reidkit.engine.checkpoint import load_model
 from reidkit.engine.extract import embed_images
-from reidkit.errors import ConfigError, ReidkitError
+from reidkit.errors import ConfigError, NumericalError, ReidkitError
 from reidkit.models.attention import CSALR, newton_schulz_iterations
 from reidkit.models.net import ReidNet
-from reidkit.outputs import atomic_write
+from reidkit.outputs import MARK, MARK_KEY, check_output_file, output_file
 
 # How many of the checkpoint's own query images check the export when no --check-images
 # folder is given: enough to meet the landmark matrices of typical inputs, few enough to be
@@ -70,16 +70,26 @@ class EmbeddingNet(nn.Module):
         return embed_images(self.net, images, feature=self.feature, flip=self.flip)
 
 
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # reidkit[export]
+
+
 def import_onnx():
-    """(onnx, onnxruntime), or one line naming the extra that installs them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
+    """(onnx, onnxruntime), or one line naming the packages missing and the extra that
+    installs them all (torch's exporter needs onnxscript too)."""
+    import importlib
+
+    modules, missing = {}, []
+    for name in EXPORT_PACKAGES:
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
         raise ExportMissingError(
-            "ONNX export needs onnx and onnxruntime: pip install 'reidkit[export]'"
-        ) from None
-    return onnx, onnxruntime
+            f"ONNX export needs {', '.join(EXPORT_PACKAGES[:-1])} and {EXPORT_PACKAGES[-1]} "
+            f"({', '.join(missing)} missing): pip install 'reidkit[export]'"
+        )
+    return modules["onnx"], modules["onnxruntime"]
 
 
 def check_batches(config: RunConfig, images: Path | None) -> tuple[list[torch.Tensor], str]:
@@ -171,9 +181,12 @@ def export_onnx(
     The model's metadata records the input size, mean and std, feature kind, flip and
     reidkit's version. onnxruntime then embeds the check images (a folder, or the
     checkpoint's own query images) and each feature must match PyTorch's to a cosine of
-    MIN_COSINE; a model that fails is not kept.
+    MIN_COSINE, and every feature must be finite; a model that fails is not kept. `out` may be
+    new or an ONNX file reidkit wrote (its metadata says so), never the checkpoint itself.
     """
     onnx, onnxruntime = import_onnx()
+    inputs = [("the checkpoint", checkpoint)]
+    check_output_file("--out", out, "onnx", inputs=inputs)
     started = time.perf_counter()
     net, state = load_model(checkpoint)
     config = state.config
@@ -182,6 +195,7 @@ def export_onnx(
     wrapper = EmbeddingNet(net, config.eval.feature, config.eval.flip).eval()
     example = torch.zeros(2, 3, config.data.height, config.data.width)
     metadata = {
+        MARK_KEY: MARK,  # reidkit's own file: a later export may replace it
         "reidkit": __version__,
         "preset": config.name,
         "input": f"float32 N x 3 x {config.data.height} x {config.data.width}, RGB",
@@ -203,7 +217,7 @@ def export_onnx(
     out = Path(out)
     try:
         _set_solve_steps(net, steps)
-        with atomic_write(out) as temporary:
+        with output_file(out, "onnx", inputs=inputs) as temporary:
             with _quiet():
                 program = torch.onnx.export(
                     wrapper,
@@ -221,7 +235,10 @@ def export_onnx(
                 entry.key, entry.value = key, value
             onnx.save(model, str(temporary))
             _set_solve_steps(net, None)  # PyTorch's own answer, by LU, to check against
-            min_cosine = _check(onnxruntime, temporary, wrapper, batches)
+            try:
+                min_cosine = _check(onnxruntime, temporary, wrapper, batches)
+            except NumericalError as err:
+                raise NumericalError(f"{err}; nothing was written to {out}") from None
             if min_cosine is not None and min_cosine < MIN_COSINE:
                 raise ReidkitError(
                     f"the exported model disagrees with PyTorch on {source} (worst cosine "
@@ -256,6 +273,14 @@ def _check(onnxruntime, path: Path, wrapper: EmbeddingNet, batches) -> float | N
     for images in batches:
         (got,) = session.run(None, {"images": images.numpy()})
         want = wrapper(images).numpy()
+        # min() skips a NaN cosine (every comparison with NaN is false): check explicitly
+        for side, features in (("onnxruntime", got), ("PyTorch", want)):
+            if not np.isfinite(features).all():
+                raise NumericalError(
+                    f"{side} gives NaN or infinite features for the check images, so the export "
+                    "cannot be checked; the model's weights overflow or are damaged: export an "
+                    "intact checkpoint"
+                )
         worst = min(worst, float(np.min(np.sum(got * want, axis=1))))
     return worst
 

@@ -87,6 +87,7 @@ def extract_features(
                 features = embed_images(model, images, feature=feature, flip=flip)
             except torch.linalg.LinAlgError as err:
                 raise _singular_landmarks(err) from None
+            check_finite(features, _batch_names(loader, batch))
             chunks.append(features.cpu().numpy())
             bar.update(task, advance=1)
             if on_batch is not None:
@@ -94,6 +95,33 @@ def extract_features(
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def check_finite(features: torch.Tensor, names: list[str] | None = None) -> None:
+    """Refuse features with a NaN or infinite value: they would rank anywhere, silently.
+
+    Finite weights can still overflow (a damaged or diverged model); `names` are the images
+    of the rows, to name the first bad one.
+    """
+    bad = ~torch.isfinite(features).all(dim=1)
+    if not bool(bad.any()):
+        return
+    rows = torch.nonzero(bad).flatten().tolist()
+    first = f"image {names[rows[0]]}" if names else f"image {rows[0] + 1} of the batch"
+    others = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+    raise NumericalError(
+        f"the model gives NaN or infinite features for {first}{others}; its weights overflow "
+        "or are damaged: use an intact checkpoint (one from before the run diverged) or train "
+        "again"
+    )
+
+
+def _batch_names(loader: Iterable, batch) -> list[str] | None:
+    """The image paths of a loader's batch, when its dataset knows them (ReidDataset)."""
+    paths = getattr(getattr(loader, "dataset", None), "paths", None)
+    if paths is None or len(batch) < 4:
+        return None
+    return [str(paths[int(i)]) for i in batch[3]]
 
 
 def _singular_landmarks(err: Exception) -> NumericalError:

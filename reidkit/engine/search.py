@@ -87,7 +87,10 @@ def folder_images(folder: Path) -> pd.DataFrame:
         raise DatasetError(f"--images {folder} is a file; give the folder that holds the images")
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # regular files only: a pipe or device named *.jpg would block or never end when read
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not paths:
         raise DatasetError(f"{folder} holds no .jpg/.png images")
     pids, camids = zip(*(_name_ids(p) for p in paths), strict=True)
@@ -106,13 +109,21 @@ def _name_ids(path: Path) -> tuple[int, int]:
     return parse_market_name(path.name) or (UNKNOWN, UNKNOWN)
 
 
-def check_index_out(out: Path, images: Path | None = None) -> None:
+def check_index_out(out: Path, images: Path | None = None, checkpoint: Path | None = None) -> None:
     """Refuse an index destination that would delete something reidkit did not write.
 
-    `out` may be new or a reidkit index folder (which is replaced); never a file, a folder of
-    other files, the --images folder, a folder inside it, or a folder that holds it.
+    `out` may be new, empty or a reidkit index folder (which is replaced); never a file, a
+    folder of other files, the --images folder, a folder inside it, a folder that holds it,
+    or a folder that holds the checkpoint.
     """
     out = Path(out).expanduser()
+    if checkpoint is not None:
+        held = Path(checkpoint).expanduser().resolve()
+        if out.resolve() in held.parents:
+            raise IndexFolderError(
+                f"--out {out} holds the checkpoint {checkpoint}; writing the index there would "
+                "replace the folder and the checkpoint with it: choose an --out outside it"
+            )
     if images is not None:
         source, target = Path(images).expanduser().resolve(), out.resolve()
         if target == source or source in target.parents or target in source.parents:
@@ -227,7 +238,7 @@ def _build_gallery(
     progress: bool,
 ) -> ExtractResult | None:
     if target is None:
-        agree(place, lambda: check_index_out(Path(out), images))
+        agree(place, lambda: check_index_out(Path(out), images, checkpoint))
     model, state = load_model(checkpoint)
     root = checkpoint_data_root(root, state.config.data.root)
     config = _eval_config(state.config, root=root, flip=flip, feature=feature)
@@ -340,6 +351,14 @@ def _search_gallery(
     where: GalleryFilter | None,
     progress: bool,
 ) -> list[QueryResult]:
+    if not str(gallery.info.get("checkpoint") or "").strip():
+        # GalleryIndex.build(...) without model= records none: search cannot embed queries
+        raise IndexFolderError(
+            f"{gallery.name} names no checkpoint (its info.json has an empty 'checkpoint'), so "
+            "search cannot embed the queries as the gallery was embedded; rebuild it with "
+            "`reidkit extract CHECKPOINT --out NEW_FOLDER`, or in Python with "
+            "GalleryIndex.build(..., model=load_model(CHECKPOINT))"
+        )
     checkpoint = Path(gallery.info["checkpoint"])
     if not checkpoint.exists():
         raise IndexFolderError(

@@ -34,7 +34,7 @@ from rich.progress import (
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from reidkit.config import RunConfig, apply_overrides, config_to_dict, data_root
+from reidkit.config import RunConfig, apply_overrides, config_to_dict, data_root, load_preset
 from reidkit.data.loading import (
     build_loader,
     epoch_seed,
@@ -53,9 +53,16 @@ from reidkit.engine.checkpoint import (
 from reidkit.engine.distributed import Distributed, process_device
 from reidkit.engine.distributed import init_distributed as _init_distributed
 from reidkit.engine.losses import batch_hard_triplet_loss
-from reidkit.errors import ConfigError, Interrupted, ReidkitError
+from reidkit.errors import CheckpointError, ConfigError, Interrupted, ReidkitError
 from reidkit.models.net import NetOutput, ReidNet, build_model
-from reidkit.outputs import atomic_write, check_writable, remove_stale_temporaries, write_text
+from reidkit.outputs import (
+    atomic_write,
+    check_output_folder,
+    mark_folder,
+    os_error_reason,
+    remove_stale_temporaries,
+    write_text,
+)
 
 # Config fields a resumed run may change: they steer evaluation and I/O, not the optimisation
 # of the epochs already run. train.epochs may grow (an RPP run keeps its PCB stage's length:
@@ -67,6 +74,12 @@ RESUMABLE_CHANGES = {
     ("eval", "batch_size"),
     ("train", "epochs"),
 }
+
+
+# Written into a run folder before anything else: reidkit writes only into a folder that is
+# new, empty or carries it, so `train --out` never replaces a user's config.toml or metrics.csv.
+RUN_MARKER = ".reidkit-run"
+RUN_MARKER_TEXT = "a run folder written by `reidkit train`; reidkit may write into this folder"
 
 
 class TrainingDiverged(ReidkitError):
@@ -265,7 +278,11 @@ def _fit(
     stop_after: int | None,
 ) -> Path:
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
-    check_writable("--out", files.folder, folder=True)
+    # A folder holding last.pt but no marker is a run from before runs were marked: it is
+    # resumed (its checkpoint is read first) or refused below for already existing.
+    check_output_folder(
+        "--out", files.folder, RUN_MARKER, "a run folder", adopt=files.checkpoint.is_file()
+    )
     if place.is_main:
         _remove_stale_temporaries(files.folder)
     device = process_device(place)
@@ -297,13 +314,15 @@ def _fit(
                 f"--resume: {files.checkpoint} has {state.num_ids} identities but the training "
                 f"split of {config.data.dataset!r} has {num_ids}; was the dataset re-prepared?"
             )
-        model = model_from_checkpoint(state)
+        model = model_from_checkpoint(state, files.checkpoint)
     model.to(device)
     if config.train.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    # every batch this run will draw can be formed: refused now, not in the first step
+    _check_batches(config, train_set, place, start_epoch)
 
     if place.is_main:
-        files.folder.mkdir(parents=True, exist_ok=True)
+        mark_folder(files.folder, RUN_MARKER, RUN_MARKER_TEXT)
         write_text(files.config, tomli_w.dumps(_toml_safe(config_to_dict(config))))
 
     amp_dtype = _amp_dtype(config, device)
@@ -374,8 +393,9 @@ def _fit(
             if place.is_main and not warned_condition:
                 warned_condition = _warn_if_ill_conditioned(row, config)
             if place.is_main:
-                save_checkpoint(
-                    files.checkpoint,
+                _save_epoch(
+                    files,
+                    completed,
                     Checkpoint(
                         config=config,
                         model=model.state_dict(),
@@ -399,6 +419,61 @@ def _fit(
             raise _interrupted(files, completed, epoch) from None
         raise
     return files.checkpoint
+
+
+def _save_epoch(files: RunFiles, completed: int, checkpoint: Checkpoint) -> None:
+    """Save last.pt; a failure (a full disk) is one line saying what last.pt still holds."""
+    try:
+        save_checkpoint(files.checkpoint, checkpoint)
+    except OSError as err:
+        kept = (
+            f"{files.checkpoint} still holds epoch {completed}; then resume with: "
+            f"reidkit train --out {files.folder} --resume"
+            if completed and files.checkpoint.exists()
+            else "no checkpoint was saved"
+        )
+        raise CheckpointError(
+            f"cannot save epoch {checkpoint.epoch} to {files.checkpoint}: "
+            f"{os_error_reason(err)}; {kept}"
+        ) from None
+
+
+def _check_batches(config: RunConfig, train_set, place: Distributed, epoch: int) -> None:
+    """Refuse, before anything is written, batches that cannot train: fewer than 2 images
+    per process (BatchNorm), P x K identity batches that cannot be drawn, or one identity per
+    batch with the triplet loss (no negatives: its loss would be 0)."""
+    train, data = config.train, config.data
+    share = train.batch_size // place.world_size
+    processes = f" per process ({place.world_size} processes)" if place.world_size > 1 else ""
+    if share < 2:
+        raise ConfigError(
+            f"train.batch_size = {train.batch_size} gives {share} image(s){processes}; "
+            f"BatchNorm needs at least 2: set train.batch_size to {2 * place.world_size} or more"
+        )
+    if data.sampler == "identity":
+        if share % data.instances:
+            raise ConfigError(
+                f"train.batch_size = {train.batch_size} gives batches of {share}{processes}, not "
+                f"a multiple of data.instances = {data.instances} (P x K identity batches)"
+            )
+        if train.triplet != "off" and share // data.instances < 2:
+            raise ConfigError(
+                f"train.triplet = {train.triplet} needs 2 identities per batch, but "
+                f"train.batch_size / data.instances = {share // data.instances}{processes}: "
+                "raise train.batch_size or lower data.instances"
+            )
+    # the sampler's own checks (identities per batch, images for one batch), nothing read
+    build_loader(
+        train_set,
+        "train",
+        data,
+        train=True,
+        batch_size=share,
+        seed=train.seed,
+        epoch=epoch,
+        num_replicas=place.world_size,
+        rank=place.rank,
+    )
 
 
 def _train_one_epoch(
@@ -640,12 +715,15 @@ def _amp_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def resume_config(folder: Path, overrides: Sequence[str] = ()) -> RunConfig:
+def resume_config(
+    folder: Path, overrides: Sequence[str] = (), *, preset: str | Path | None = None
+) -> RunConfig:
     """The config a resumed run continues with: its checkpoint's own, with safe `--set`s.
 
     Only RESUMABLE_CHANGES may change; any other key given a new value is refused, naming it,
     because the epochs already trained were optimised under it (repeating the run's own value
-    is harmless). A longer train.epochs extends the run.
+    is harmless). A longer train.epochs extends the run. A `preset` given is refused unless it
+    is the one the run was trained with, as a conflicting dataset is.
     """
     files = RunFiles(Path(folder))
     if not files.checkpoint.exists():
@@ -653,6 +731,12 @@ def resume_config(folder: Path, overrides: Sequence[str] = ()) -> RunConfig:
             f"--resume: {files.checkpoint} does not exist; drop --resume to start a new run"
         )
     saved = load_checkpoint(files.checkpoint).config
+    if preset is not None and load_preset(preset).name != saved.name:
+        raise ConfigError(
+            f"--resume: {files.checkpoint} was trained with preset {saved.name}, not "
+            f"{load_preset(preset).name}; drop --preset to resume it with its own settings, or "
+            "start a new run with another --out"
+        )
     for item in overrides:
         dotted = item.split("=", 1)[0].strip()
         section, _, key = dotted.partition(".")

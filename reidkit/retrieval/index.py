@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from reidkit import __version__
-from reidkit.errors import IndexFolderError, ReidkitError
-from reidkit.outputs import temporary_path
+from reidkit.errors import DatasetError, IndexFolderError, NumericalError, ReidkitError
+from reidkit.outputs import check_owned_folder, named_os_error, temporary_path
 from reidkit.retrieval.filters import META_FIELDS, UNKNOWN, GalleryFilter
 
 if TYPE_CHECKING:
@@ -106,11 +106,22 @@ class SearchIndex(Protocol):
 
 
 def _as_rows(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    """(N, D) float32 rows, at least one, every value finite: a NaN row would rank anywhere."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} have dimension {x.shape[1]}, the index holds {dim}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise DatasetError(f"{name} hold no values (shape {x.shape}); give at least one row")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise NumericalError(
+            f"{name} hold NaN or infinite values in {len(bad):,} of {len(x):,} rows (first: row "
+            f"{bad[0]}); they come from a damaged model or data: embed them again with an "
+            "intact checkpoint"
+        )
     return x
 
 
@@ -440,7 +451,17 @@ def known_fields(meta: pd.DataFrame) -> tuple[str, ...]:
 
 
 def _rebuild_hint(folder: Path, info: dict[str, Any] | None = None) -> str:
+    """The `extract` command that rebuilds `folder`: into it when extract may write there (it
+    is new, empty or an index folder), else into a new folder, which extract accepts."""
     checkpoint = (info or {}).get("checkpoint") or "CHECKPOINT"
+    try:
+        check_owned_folder("--out", folder, INDEX_MARKER, "an index folder")
+    except ReidkitError:
+        what = "a file" if os.path.lexists(folder) and not folder.is_dir() else "not an index"
+        return (
+            f"{folder} is {what}, so build an index into a new folder: "
+            f"`reidkit extract {checkpoint} --out NEW_FOLDER`"
+        )
     return f"rebuild it with `reidkit extract {checkpoint} --out {folder}`"
 
 
@@ -450,18 +471,12 @@ def is_index_folder(folder: Path) -> bool:
 
 
 def check_replaceable(folder: Path, option: str = "--out") -> None:
-    """Refuse a destination that exists and is not a reidkit index folder; it is never deleted."""
-    folder = Path(folder)
-    if not os.path.lexists(folder) or is_index_folder(folder):
-        return
-    if folder.is_dir():
-        what = f"a folder without reidkit's {INDEX_MARKER} marker, so not an index it wrote"
-    else:
-        what = "a file"
-    raise IndexFolderError(
-        f"{option} {folder} exists and is {what}; reidkit replaces only its own index "
-        "folders: choose a new path"
-    )
+    """Refuse a destination that exists and is neither empty nor a reidkit index folder; the
+    folder that `save_index_folder` replaces is never one of someone's own."""
+    try:
+        check_owned_folder(option, folder, INDEX_MARKER, "an index folder")
+    except ReidkitError as err:
+        raise IndexFolderError(str(err)) from None
 
 
 def save_index_folder(
@@ -519,9 +534,13 @@ def save_index_folder(
     # mkdir, not mkdtemp: the folder is renamed into place and should get the umask's
     # permissions (others may read a shared index), not mkdtemp's owner-only 0700
     tmp = temporary_path(folder)
-    tmp.mkdir()
     old: Path | None = None
     try:
+        tmp.mkdir()
+        # the marker first: a folder with anything of reidkit's in it says whose it is
+        (tmp / INDEX_MARKER).write_text(
+            "a gallery index written by `reidkit extract`; it may replace this folder\n"
+        )
         faiss.write_index(cpu_index, str(tmp / "index.faiss"))
         meta.loc[:, list(META_COLUMNS) + [c for c in meta.columns if c not in META_COLUMNS]].to_csv(
             tmp / "meta.csv", index=False
@@ -529,9 +548,6 @@ def save_index_folder(
         np.save(tmp / "features.npy", features, allow_pickle=False)
         (tmp / "info.json").write_text(
             json.dumps(full_info, indent=2, sort_keys=True, default=str) + "\n"
-        )
-        (tmp / INDEX_MARKER).write_text(
-            "a gallery index written by `reidkit extract`; it may replace this folder\n"
         )
         if folder.exists():
             # A directory cannot be renamed onto a non-empty one: move the old aside first,
@@ -544,10 +560,17 @@ def save_index_folder(
             if old is not None:
                 os.replace(old / "previous", folder)
             raise
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk: name the folder, not the temporary one
+            raise named_os_error(err, folder) from None
+        if isinstance(err, RuntimeError) and "write" in str(err).lower():  # faiss's own words
+            raise IndexFolderError(
+                f"cannot write index folder {folder}: {str(err).strip().splitlines()[-1]}; "
+                "free some disk space or choose another --out"
+            ) from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -581,6 +604,21 @@ def _read_info(folder: Path) -> dict[str, Any]:
     return info
 
 
+def _integer_column(values: pd.Series, column: str, path: Path, hint: str) -> pd.Series:
+    """meta.csv's pid or camid column as int64, or one line naming the first bad row."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | ~np.isfinite(numbers) | (numbers != numbers.round())
+    bad |= numbers.abs() >= 2**63  # beyond int64
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raw = values.iloc[row]
+        text = "" if pd.isna(raw) else str(raw)  # an empty cell reads as NaN
+        raise IndexFolderError(
+            f"{path} line {row + 2}: {column} {text!r} is not an integer; {hint}"
+        )
+    return numbers.astype(np.int64)
+
+
 def load_index_folder(folder: str | Path, *, use_gpu: bool | None = None) -> IndexFolder:
     """Load and cross-check a folder written by `save_index_folder`.
 
@@ -603,7 +641,8 @@ def load_index_folder(folder: str | Path, *, use_gpu: bool | None = None) -> Ind
 
     meta_path = folder / "meta.csv"
     try:
-        meta = pd.read_csv(meta_path)
+        # ids as text: a big or odd value is refused as written, not as pandas parsed it
+        meta = pd.read_csv(meta_path, dtype={"pid": str, "camid": str})
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise IndexFolderError(f"{meta_path} is unreadable ({err}); {hint}") from None
     absent = [c for c in META_COLUMNS if c not in meta.columns]
@@ -613,6 +652,11 @@ def load_index_folder(folder: str | Path, *, use_gpu: bool | None = None) -> Ind
         raise IndexFolderError(
             f"{meta_path} has {len(meta)} rows but info.json says {rows}; {hint}"
         )
+    if rows == 0:
+        raise IndexFolderError(f"{folder} holds no gallery rows, so nothing to search; {hint}")
+    for column in ("pid", "camid"):
+        meta[column] = _integer_column(meta[column], column, meta_path, hint)
+    meta["path"] = meta["path"].astype(str)
 
     feats_path = folder / "features.npy"
     try:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from reidkit.errors import DatasetError
-from reidkit.outputs import atomic_write
+from reidkit.outputs import output_file, png_mark
 
 MATCH_COLOUR = (0, 170, 0)  # same pid as the query
 MISMATCH_COLOUR = (220, 0, 0)  # another pid
@@ -34,11 +34,19 @@ class MontageRow:
     scores: Sequence[float] | None = None
 
 
-def _write_png(out_path: str | Path, save: Callable[[Path], None]) -> Path:
-    """`save(temporary)` writes the PNG; it is renamed onto `out_path` (reidkit.outputs)."""
-    with atomic_write(out_path) as temporary:
-        save(temporary)
+def _write_png(out_path: str | Path, save: Callable[[Path, dict[str, str]], None]) -> Path:
+    """`save(temporary, text)` writes the PNG with `text` as its text chunks (reidkit's mark);
+    it is renamed onto `out_path`, which may be new or a PNG reidkit wrote (reidkit.outputs)."""
+    with output_file(out_path, "png") as temporary:
+        save(temporary, png_mark())
     return Path(out_path)
+
+
+def _save_pil_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    image.save(path, format="PNG", pnginfo=info)
 
 
 def _load_tile(path: str | Path, size: tuple[int, int]) -> Image.Image:
@@ -117,7 +125,7 @@ def save_ranked_montage_grid(
 ) -> Path:
     """Write a PNG montage with one row per query (see `render_ranked_montage`), atomically."""
     image = render_ranked_montage(rows, size)
-    return _write_png(out_path, lambda temporary: image.save(temporary, format="PNG"))
+    return _write_png(out_path, lambda temporary, text: _save_pil_png(image, temporary, text))
 
 
 def save_ranked_montage(
@@ -162,7 +170,9 @@ def save_cmc_curve(
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    return _write_png(out_path, lambda temporary: figure.savefig(temporary, format="png"))
+    return _write_png(
+        out_path, lambda temporary, text: figure.savefig(temporary, format="png", metadata=text)
+    )
 
 
 POINT_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#a65628")
@@ -227,4 +237,6 @@ def save_attention_figure(
     if title:
         figure.suptitle(title, fontsize=8)
     figure.tight_layout()
-    return _write_png(out_path, lambda temporary: figure.savefig(temporary, format="png"))
+    return _write_png(
+        out_path, lambda temporary, text: figure.savefig(temporary, format="png", metadata=text)
+    )

@@ -278,6 +278,7 @@ def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
     assert state.epoch == 2
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == [
+        ".reidkit-run",
         "config.toml",
         "curves.png",
         "last.pt",
