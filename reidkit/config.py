@@ -30,7 +30,9 @@ class DataConfig:
     pad_crop: int = 0  # pixels of zero padding before a random crop back to size; 0 = off
     sampler: Literal["random", "identity"] = "random"  # PCB samples images uniformly
     instances: int = 4  # K images per identity when sampler = "identity" (P = batch / K)
-    workers: int = 4  # DataLoader worker processes; 0 loads in the main process
+    # DataLoader worker processes, capped at the cores the process may use; 0 loads in the
+    # main process
+    workers: int = 4
 
 
 @dataclass(frozen=True)
