@@ -451,6 +451,16 @@ FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+def dividing_grid(grid: tuple[int, int], maps: list[tuple[int, int]]) -> tuple[int, int]:
+    """The grid nearest below `grid` whose sides divide every map: each side the largest
+    divisor of the maps' common divisor that does not exceed the side asked for (at least 1)."""
+    sides = []
+    for asked, lengths in zip(grid, zip(*maps, strict=True), strict=True):
+        common = math.gcd(*lengths)
+        sides.append(max(d for d in range(1, common + 1) if common % d == 0 and d <= max(asked, 1)))
+    return sides[0], sides[1]
+
+
 def validate(config: RunConfig) -> None:
     """Field ranges, then cross-field checks: each would otherwise fail deep inside a run."""
     for dotted, valid, what in FIELD_RANGES:
@@ -478,14 +488,15 @@ def validate(config: RunConfig) -> None:
                 f"attention.stages = {attn.stages}: give distinct stages from 1-4, e.g. 1,2,3"
             )
         if attn.kind == "csalr":
-            for stage in attn.stages:
-                h, w = stage_map_size(config, stage)
-                gh, gw = attn.grid
+            maps = [stage_map_size(config, stage) for stage in attn.stages]
+            gh, gw = attn.grid
+            for stage, (h, w) in zip(attn.stages, maps, strict=True):
                 if gh < 1 or gw < 1 or h % gh or w % gw:
+                    sh, sw = dividing_grid(attn.grid, maps)
                     raise ConfigError(
                         f"attention.grid = {gh}x{gw} does not divide the {h}x{w} map after stage "
                         f"{stage} at {data.height}x{data.width} input; choose a grid whose sides "
-                        "divide every attended map, e.g. attention.grid=6,4"
+                        f"divide every attended map, e.g. attention.grid={sh},{sw}"
                     )
     if data.sampler == "identity" and train.batch_size % data.instances:
         raise ConfigError(
