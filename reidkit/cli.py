@@ -189,6 +189,7 @@ def prepare(
     from reidkit.data.prepare import CountMismatchError, prepare_dataset
     from reidkit.data.synthetic import SyntheticSpec
 
+    check_choice("--variant", variant, VARIANTS)
     try:
         synthetic = SyntheticSpec(
             train_ids=train_ids, test_ids=test_ids, cameras=cameras, seed=seed

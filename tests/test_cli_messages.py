@@ -135,6 +135,10 @@ def test_help_lists_the_choices_of_choice_options(command, listed):
         (("evaluate", "x.pt", "--feature", "z"), "--feature 'z': choose g or h"),
         (("extract", "x.pt", "--split", "test"), "--split 'test': choose query, gallery or train"),
         (("extract", "x.pt", "--index", "ann"), "--index 'ann': choose flat, ivf or hnsw"),
+        (
+            ("prepare", "cuhk03", "data", "--variant", "hand"),
+            "--variant 'hand': choose detected or labeled",
+        ),
     ],
 )
 def test_a_value_outside_the_choices_is_one_line_with_exit_code_2(args, line):

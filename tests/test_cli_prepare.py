@@ -243,7 +243,6 @@ def test_missing_source_says_which_file_to_place_where(tmp_path):
     ("args", "complaint"),
     [
         (["viper"], "unknown dataset 'viper'"),
-        (["cuhk03", "--variant", "hand"], "unknown variant 'hand'"),
         (["synthetic", "--cameras", "1"], "--cameras must be between 2"),
         (["custom", "--source", "/nonexistent/folder"], "does not exist"),
     ],
