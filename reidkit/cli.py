@@ -598,15 +598,6 @@ def export(
     console.print(f"model: {report.path} ({report.seconds:.1f} s)")
 
 
-def parse_point(text: str) -> tuple[float, float]:
-    """'y,x' (pixels of the resized input image) -> (y, x)."""
-    try:
-        y, x = (float(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a point as y,x in pixels, e.g. 60,32") from None
-    return y, x
-
-
 @app.command()
 def attention(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint of a model with attention")],
@@ -618,20 +609,21 @@ def attention(
     point: Annotated[
         list[str] | None,
         typer.Option(
-            help="query point y,x in pixels of the resized input (repeatable; "
-            "default: head, chest, hips and knees)"
+            help="query point y,x in pixels of the resized input, or y%,x% of its height and "
+            "width (repeatable; default: head, chest, hips and knees)",
+            metavar="Y,X",
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="the PNG to write")] = Path("attention.png"),
 ) -> None:
     """The paper's Figure 4: attention maps of query points, CSALR's beside the full map."""
-    from reidkit.engine.attention_maps import attention_maps
+    from reidkit.engine.attention_maps import QueryPoint, attention_maps
     from reidkit.retrieval.visualize import save_attention_figure
 
     try:
-        points = [parse_point(text) for text in point] if point else None
-    except typer.BadParameter as err:
-        raise fail(ValueError(f"--point {err.message}"), 2) from None
+        points = [QueryPoint.parse(text) for text in point] if point else None
+    except ValueError as err:
+        raise fail(ValueError(f"--point {err}"), 2) from None
     try:
         check_writable("--out", out)
         result = attention_maps(checkpoint, image, stage=stage, group=group, points=points)
@@ -642,7 +634,7 @@ def attention(
             )
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
     table.add_column("point")
     table.add_column("map cell (row, column)")
     if result.errors is not None:

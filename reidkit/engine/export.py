@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shlex
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -76,8 +78,12 @@ def import_onnx():
         import onnx
         import onnxruntime
     except ImportError:
+        # `pip install 'reidkit[export]'` would ask the package index for another project of
+        # that name: name the packages, for the interpreter that runs reidkit
         raise ExportMissingError(
-            "ONNX export needs onnx and onnxruntime: pip install 'reidkit[export]'"
+            "ONNX export needs onnx, onnxscript and onnxruntime: "
+            f"{shlex.quote(sys.executable)} -m pip install onnx onnxscript onnxruntime "
+            '(from a reidkit checkout: pip install -e ".[export]")'
         ) from None
     return onnx, onnxruntime
 
