@@ -317,7 +317,7 @@ def train(
 
 
 def report_table(report) -> Table:
-    """The evaluation table: ours beside the paper's Table 1 row when there is one."""
+    """The evaluation table: ours beside the published row when the run compares with it."""
     metrics = report.metrics
     title = (
         f"{report.preset} on {report.dataset}: {report.num_query:,} queries, "
@@ -345,6 +345,8 @@ def print_report(report) -> None:
     """The table, then the protocol it was computed under, never wrapped mid-phrase."""
     metrics = report.metrics
     console.print(report_table(report))
+    if report.paper is None and report.paper_note:
+        console.print(f"no reference row: {report.paper_note}", soft_wrap=True, highlight=False)
     unmatched = metrics.num_skipped_queries
     if metrics.ap_mode == "official":  # the official code averages over every query
         queries = (
@@ -396,7 +398,8 @@ def evaluate(
     ] = None,
     cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
 ) -> None:
-    """Rank the gallery for every query; print R1/R5/R10/mAP/mINP beside the paper's row."""
+    """Rank the gallery for every query; print R1/R5/R10/mAP/mINP (and the paper's row when the
+    run is the paper's setting on its verified dataset)."""
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
@@ -665,6 +668,7 @@ def compare(
     """Finished runs side by side: metrics, the paper's row, epochs, time, images/s, memory."""
     from reidkit.engine.compare import (
         comparison_frame,
+        reference_notes,
         save_comparison_plot,
         summarise_run,
         to_markdown,
@@ -677,8 +681,9 @@ def compare(
             check_writable("--out", path)
         summaries = [summarise_run(run, ap_mode=ap_mode) for run in runs]
         frame = comparison_frame(summaries)
+        notes = reference_notes(summaries)
         with writing("--out", outputs[".md"]):
-            write_text(outputs[".md"], to_markdown(frame))
+            write_text(outputs[".md"], to_markdown(frame, notes))
         with writing("--out", outputs[".csv"]):
             write_text(outputs[".csv"], frame.to_csv(index=False))
         with writing("--out", outputs[".png"]):
@@ -687,8 +692,11 @@ def compare(
         raise fail(err) from None
     table = Table(title=f"runs compared (AP mode {ap_mode})")
     for column in frame.columns:
-        table.add_column(str(column), justify="left" if column in ("run", "preset") else "right")
+        left = column in ("run", "preset", "settings", "dataset")
+        table.add_column(str(column), justify="left" if left else "right")
     for row in frame.itertuples(index=False):
         table.add_row(*("" if value is None or value != value else str(value) for value in row))
     console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=True, highlight=False)
     console.print(f"written: {', '.join(str(p) for p in outputs.values())}")
