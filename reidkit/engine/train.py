@@ -281,6 +281,7 @@ def _fit(
     progress: bool,
     stop_after: int | None,
 ) -> Path:
+    config = _with_absolute_root(config)
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
     check_writable("--out", files.folder, folder=True)
     if place.is_main:
@@ -297,6 +298,12 @@ def _fit(
     if resume:
         state, config = _resumable_checkpoint(files, config)
         start_epoch, history = state.epoch, list(state.history)
+        if place.is_main:
+            Console().print(
+                f"resumed from epoch {start_epoch} of {config.train.epochs}: {files.checkpoint}",
+                highlight=False,
+                soft_wrap=True,
+            )
     elif files.checkpoint.exists():
         raise ConfigError(
             f"{files.checkpoint} already exists; pass --resume to continue it or --out to start "
@@ -387,6 +394,13 @@ def _fit(
             )
             if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
                 row.update(_evaluate_during_training(model, config, device, place))
+                if place.is_main:
+                    Console().print(
+                        f"epoch {epoch + 1}: rank-1 {100 * row['rank1']:.1f}%, mAP "
+                        f"{100 * row['mAP']:.1f}% on the query / gallery of {data.dataset}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             history.append(row)
             if place.is_main and not warned_condition:
                 warned_condition = _warn_if_ill_conditioned(row, config)
@@ -416,6 +430,17 @@ def _fit(
             raise _interrupted(files, completed, epoch) from None
         raise
     return files.checkpoint
+
+
+def _with_absolute_root(config: RunConfig) -> RunConfig:
+    """`config` with a relative data.root made absolute. The checkpoint keeps the root for
+    `evaluate` and `extract`, which run from other folders: a relative one would name another
+    place there (and send the user to prepare a second copy). Empty (the default root) and
+    `~` roots are kept as written: they mean the same on the machine that reads them."""
+    root = config.data.root
+    if not root or root.startswith("~") or os.path.isabs(root):
+        return config
+    return replace(config, data=replace(config.data, root=os.path.abspath(root)))
 
 
 def _train_one_epoch(
