@@ -63,6 +63,13 @@ def check_choice(option: str, value: str | None, values: tuple[str, ...]) -> Non
         raise fail(ValueError(f"{option} {value!r}: choose {listed}"), 2)
 
 
+# The dataset names `--dataset` takes, for --help (tests/test_cli_help.py holds it to
+# reidkit.data.datasets, which is not imported here: --help stays fast).
+DATASET_NAMES = (
+    "market1501, dukemtmc-reid, cuhk03-np, cuhk03-np-labeled, msmt17, synthetic, or the --name "
+    "a custom set was prepared under (short names: market, duke, cuhk03, msmt)"
+)
+
 # Options that evaluate and extract share; each defaults to what the checkpoint says.
 CheckpointDataRoot = Annotated[
     Path | None,
@@ -70,6 +77,7 @@ CheckpointDataRoot = Annotated[
         "--data-root",
         help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
         "training root, else ~/data)",
+        metavar="FOLDER",
     ),
 ]
 CheckpointFlip = Annotated[
@@ -128,10 +136,26 @@ def main(
 
 
 @app.command()
-def presets() -> None:
-    """List the shipped presets with a one-line description each."""
-    from reidkit.config import available_presets, preset_description
+def presets(
+    keys: Annotated[
+        bool,
+        typer.Option(
+            "--keys", help="list every setting `train --set KEY=VALUE` takes, with its default"
+        ),
+    ] = False,
+) -> None:
+    """List the shipped presets with a one-line description each (--keys: the settings)."""
+    from reidkit.config import available_presets, preset_description, setting_keys
 
+    if keys:
+        title = "settings (reidkit train --set KEY=VALUE; a preset changes some defaults)"
+        table = Table(title=title, min_width=len(title))
+        for column in ("key", "values", "default"):
+            table.add_column(column, style="bold" if column == "key" else None)
+        for key, values, default in setting_keys():
+            table.add_row(key, values, default or "(empty)")
+        console.print(table)
+        return
     table = Table(title="presets (reidkit train --preset NAME)")
     table.add_column("name", style="bold")
     table.add_column("description")
@@ -149,16 +173,22 @@ def prepare(
         str,
         typer.Argument(
             help="market1501 | dukemtmc-reid | cuhk03-np | msmt17 | custom | synthetic "
-            "(short names: market, duke, cuhk03, msmt)"
+            "(short names: market, duke, cuhk03, msmt)",
+            metavar="DATASET",
         ),
     ],
-    root: Annotated[Path, typer.Argument(help="data root; the dataset goes to ROOT/NAME")],
+    root: Annotated[
+        Path, typer.Argument(help="data root; the dataset goes to ROOT/NAME", metavar="ROOT")
+    ],
     source: Annotated[
         Path | None,
-        typer.Option(help="archive (.zip/.tar/.tar.gz) or folder; default: look in ROOT"),
+        typer.Option(
+            help="archive (.zip/.tar/.tar.gz) or folder; default: look in ROOT", metavar="PATH"
+        ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="folder name under ROOT (default: the dataset name)")
+        str | None,
+        typer.Option(help="folder name under ROOT (default: the dataset name)", metavar="NAME"),
     ] = None,
     variant: Annotated[
         str,
@@ -179,10 +209,12 @@ def prepare(
     check_images: Annotated[
         bool, typer.Option(help="decode every image again, also of an already prepared dataset")
     ] = False,
-    seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 0,
-    train_ids: Annotated[int, typer.Option(help="synthetic: training identities")] = 60,
-    test_ids: Annotated[int, typer.Option(help="synthetic: test identities")] = 40,
-    cameras: Annotated[int, typer.Option(help="synthetic: cameras")] = 4,
+    seed: Annotated[int, typer.Option(help="synthetic: random seed", metavar="N")] = 0,
+    train_ids: Annotated[
+        int, typer.Option(help="synthetic: training identities", metavar="N")
+    ] = 60,
+    test_ids: Annotated[int, typer.Option(help="synthetic: test identities", metavar="N")] = 40,
+    cameras: Annotated[int, typer.Option(help="synthetic: cameras (2-6)", metavar="N")] = 4,
 ) -> None:
     """Verify a dataset against its published counts and write ROOT/NAME/manifest.csv."""
     from reidkit.data.datasets import canonical_name
@@ -253,21 +285,37 @@ def prepare(
 @app.command()
 def train(
     preset: Annotated[
-        str, typer.Option(help="preset name (see `reidkit presets`) or a .toml file")
+        str,
+        typer.Option(
+            help="preset name (`reidkit presets` lists them) or a .toml file",
+            metavar="NAME|FILE",
+        ),
     ] = "smoke",
     dataset: Annotated[
-        str | None, typer.Option(help="prepared dataset (default: the preset's)")
+        str | None,
+        typer.Option(
+            help=f"prepared dataset: {DATASET_NAMES}; default: the preset's", metavar="NAME"
+        ),
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)",
+            metavar="FOLDER",
+        ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="output folder (default: runs/<preset>-<dataset>/)")
+        Path | None,
+        typer.Option(help="output folder (default: runs/<preset>-<dataset>/)", metavar="FOLDER"),
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a setting: section.key=value (repeatable)"),
+        typer.Option(
+            "--set",
+            help="override a setting, e.g. train.epochs=5 or attention.grid=6,4 (repeatable); "
+            "`reidkit presets --keys` lists every key with its values and default",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -371,9 +419,15 @@ def print_report(report) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
     dataset: Annotated[
-        str | None, typer.Option(help="prepared dataset (default: the one it was trained on)")
+        str | None,
+        typer.Option(
+            help=f"prepared dataset: {DATASET_NAMES}; default: the one it was trained on",
+            metavar="NAME",
+        ),
     ] = None,
     data_root: CheckpointDataRoot = None,
     flip: CheckpointFlip = None,
@@ -394,12 +448,13 @@ def evaluate(
     ] = None,
     feature: CheckpointFeature = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="also write the results here")
+        Path | None, typer.Option("--json", help="also write the results here", metavar="FILE")
     ] = None,
-    cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
+    cmc_plot: Annotated[
+        Path | None, typer.Option(help="write the CMC curve to this PNG", metavar="FILE")
+    ] = None,
 ) -> None:
-    """Rank the gallery for every query; print R1/R5/R10/mAP/mINP (and the paper's row when the
-    run is the paper's setting on its verified dataset)."""
+    """Rank the gallery for every query: R1/R5/R10/mAP/mINP, the published row when comparable."""
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
@@ -434,16 +489,25 @@ def evaluate(
 
 @app.command()
 def extract(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
-    dataset: Annotated[str | None, typer.Option(help="prepared dataset to embed")] = None,
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(help=f"prepared dataset to embed: {DATASET_NAMES}", metavar="NAME"),
+    ] = None,
     split: Annotated[
         str, typer.Option(help="the split to embed", metavar=choices(SPLITS))
     ] = "gallery",
     images: Annotated[
-        Path | None, typer.Option(help="embed every image under this folder instead")
+        Path | None,
+        typer.Option(help="embed every image under this folder instead", metavar="FOLDER"),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="index folder (default: runs/index, where search looks)")
+        Path | None,
+        typer.Option(
+            help="index folder (default: runs/index, where search looks)", metavar="FOLDER"
+        ),
     ] = None,
     data_root: CheckpointDataRoot = None,
     index: Annotated[
@@ -518,12 +582,19 @@ def print_search(results) -> None:
 
 @app.command()
 def search(
-    queries: Annotated[list[Path], typer.Argument(help="query image(s)")],
+    queries: Annotated[list[Path], typer.Argument(help="query image(s)", metavar="IMAGE...")],
     index: Annotated[
-        Path | None, typer.Option(help="index folder from `reidkit extract` (default: runs/index)")
+        Path | None,
+        typer.Option(
+            help="index folder from `reidkit extract` (default: runs/index)", metavar="FOLDER"
+        ),
     ] = None,
-    top: Annotated[int, typer.Option(min=1, help="how many matches to show per query")] = 10,
-    save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
+    top: Annotated[
+        int, typer.Option(min=1, help="how many matches to show per query", metavar="N")
+    ] = 10,
+    save: Annotated[Path, typer.Option(help="ranked montage PNG", metavar="FILE")] = Path(
+        "ranked.png"
+    ),
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
     from reidkit.engine.search import MONTAGE_COLUMNS, save_results_montage, search_index
@@ -548,9 +619,9 @@ def search(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="folder for data, run, index and pictures")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="folder for data, run, index and pictures", metavar="FOLDER")
+    ] = Path("runs/demo"),
 ) -> None:
     """The whole pipeline on synthetic people, on a CPU: prepare, train, evaluate, search."""
     from reidkit.engine.demo import run_demo
@@ -571,11 +642,18 @@ def demo(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
-    out: Annotated[Path, typer.Option(help="the ONNX file to write")] = Path("model.onnx"),
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
+    out: Annotated[Path, typer.Option(help="the ONNX file to write", metavar="FILE")] = Path(
+        "model.onnx"
+    ),
     check_images: Annotated[
         Path | None,
-        typer.Option(help="folder of images to check the export on (default: its query split)"),
+        typer.Option(
+            help="folder of images to check the export on (default: its query split)",
+            metavar="FOLDER",
+        ),
     ] = None,
 ) -> None:
     """Write an ONNX model: N x 3 x H x W images -> the checkpoint's unit-length test feature."""
@@ -603,12 +681,17 @@ def export(
 
 @app.command()
 def attention(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint of a model with attention")],
-    image: Annotated[Path, typer.Argument(help="a person image")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint of a model with attention", metavar="CHECKPOINT")
+    ],
+    image: Annotated[Path, typer.Argument(help="a person image", metavar="IMAGE")],
     stage: Annotated[
-        int | None, typer.Option(help="the module after this ResNet stage (default: the first)")
+        int | None,
+        typer.Option(
+            help="the module after this ResNet stage, 1-4 (default: the first)", metavar="N"
+        ),
     ] = None,
-    group: Annotated[int, typer.Option(min=0, help="which channel group's map")] = 0,
+    group: Annotated[int, typer.Option(min=0, help="which channel group's map", metavar="N")] = 0,
     point: Annotated[
         list[str] | None,
         typer.Option(
@@ -617,7 +700,9 @@ def attention(
             metavar="Y,X",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="the PNG to write")] = Path("attention.png"),
+    out: Annotated[Path, typer.Option(help="the PNG to write", metavar="FILE")] = Path(
+        "attention.png"
+    ),
 ) -> None:
     """The paper's Figure 4: attention maps of query points, CSALR's beside the full map."""
     from reidkit.engine.attention_maps import QueryPoint, attention_maps
@@ -653,7 +738,9 @@ def attention(
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="run folders written by `reidkit train`")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="run folders written by `reidkit train`", metavar="RUN...")
+    ],
     ap_mode: Annotated[
         str,
         typer.Option(
@@ -661,11 +748,11 @@ def compare(
             metavar=choices(AP_MODES),
         ),
     ] = "torchreid",
-    out: Annotated[Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)")] = Path(
-        "comparison"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)", metavar="OUT")
+    ] = Path("comparison"),
 ) -> None:
-    """Finished runs side by side: metrics, the paper's row, epochs, time, images/s, memory."""
+    """Finished runs side by side: metrics, the published row, epochs, time, images/s, memory."""
     from reidkit.engine.compare import (
         comparison_frame,
         reference_notes,

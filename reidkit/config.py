@@ -314,6 +314,46 @@ def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunCo
     return config
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as `--set` takes it: true/false, comma-separated tuples."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(setting_text(v) for v in value)
+    return str(value)
+
+
+def _type_text(hint: Any) -> str:
+    """What `--set` accepts for a field of type `hint`, in words a user reads."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{_type_text(args[0])}s, comma-separated"
+        return ",".join(_type_text(a) for a in args)
+    return {bool: "true|false", int: "integer", float: "number", str: "text"}[hint]
+
+
+def setting_keys() -> list[tuple[str, str, str]]:
+    """(section.key, accepted values, default) of every setting `--set` can change."""
+    rows = []
+    for section in SECTIONS:
+        cls = _section_class(section)
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in fields(cls):
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    _type_text(hints[f.name]),
+                    setting_text(getattr(defaults, f.name)),
+                )
+            )
+    return rows
+
+
 def _section_class(section: str) -> type:
     return {
         "data": DataConfig,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reidkit.config import SECTIONS, PaperRow, RunConfig, checkpoint_data_root
+from reidkit.config import SECTIONS, PaperRow, RunConfig, checkpoint_data_root, setting_text
 from reidkit.engine.checkpoint import load_checkpoint
 from reidkit.engine.evaluate import (
     evaluated_manifest,
@@ -121,16 +121,8 @@ def summarise_run(
 
 def run_settings(config: RunConfig) -> tuple[tuple[str, str], ...]:
     """Every setting of a run as (section.key, value written as `--set` takes it)."""
-
-    def written(value) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, tuple):
-            return ",".join(written(v) for v in value)
-        return str(value)
-
     return tuple(
-        (f"{section}.{key}", written(value))
+        (f"{section}.{key}", setting_text(value))
         for section in SECTIONS
         for key, value in vars(getattr(config, section)).items()
         if f"{section}.{key}" not in NOT_A_SETTING
