@@ -13,7 +13,7 @@ from rich.table import Table
 
 from reidkit.errors import Interrupted, ReidkitError
 from reidkit.outputs import OS_ERROR_HINTS, check_writable, write_text, writing
-from reidkit.terminal import OutputConsole
+from reidkit.terminal import OutputConsole, invoked_as
 
 app = typer.Typer(
     help="Person re-identification: prepare benchmarks, train PCB/RPP + CSALR, evaluate, search.",
@@ -633,10 +633,12 @@ def demo(
         raise fail(err) from None
     print_report(result.report)  # its chance rank-1 line puts the scores in scale
     print_search([result.search])
+    # the program as this shell reaches it: bare `reidkit` only in an activated environment
+    again = command_line("search", result.search.query, "--index", result.index)
     console.print(
         f"\ncheckpoint  {result.checkpoint}\ncurves      {result.curves_png}\n"
         f"index       {result.index}\nranked      {result.ranked_png}\n"
-        f"try: reidkit search {result.search.query} --index {result.index}"
+        f"try: {invoked_as()} {again}"
     )
 
 

@@ -3,6 +3,11 @@ behave when the output is a file, a pipe or CI instead of a terminal."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
+
 import rich
 import rich.console
 from rich.console import ConsoleDimensions
@@ -40,3 +45,20 @@ def draws_bars(progress: bool, console: rich.console.Console | None = None) -> b
     so none is drawn. `console` defaults to Rich's global one (standard output).
     """
     return progress and (console or rich.get_console()).is_terminal
+
+
+def invoked_as() -> str:
+    """How to run this reidkit again from the same shell, for commands it suggests.
+
+    `reidkit` when that name on PATH is this program (an activated environment); otherwise
+    the path it was started by (`.venv/bin/reidkit`), or `python -m reidkit` for the module.
+    """
+    started = sys.argv[0] if sys.argv else ""
+    if os.path.basename(started) == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m reidkit"
+    found = shutil.which("reidkit")
+    if not started or os.sep not in started:
+        return "reidkit"  # found on PATH by that name
+    if found and os.path.realpath(found) == os.path.realpath(started):
+        return "reidkit"
+    return shlex.quote(started)

@@ -3,12 +3,14 @@ they are, help that lists choices."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from reidkit.cli import app
+from reidkit.terminal import invoked_as
 
 runner = CliRunner()
 
@@ -162,3 +164,18 @@ def test_a_preset_that_is_a_folder_and_an_index_that_is_a_file_are_named_so(tmp_
     index_file.write_bytes(b"\0" * 16)
     line = error_line(invoke("search", tmp_path / "q.jpg", "--index", index_file))
     assert f"--index {index_file} is a file; give the folder `reidkit extract` wrote" in line
+
+
+def test_suggested_commands_call_reidkit_as_this_shell_reaches_it(tmp_path: Path, monkeypatch):
+    bin_folder = tmp_path / ".venv" / "bin"
+    bin_folder.mkdir(parents=True)
+    (bin_folder / "reidkit").write_text("#!/bin/sh\n")
+    (bin_folder / "reidkit").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/reidkit", "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert invoked_as() == ".venv/bin/reidkit"  # not activated: bare `reidkit` is not found
+    monkeypatch.setenv("PATH", f"{bin_folder}:/usr/bin:/bin")
+    assert invoked_as() == "reidkit"  # `source .venv/bin/activate` put it on PATH
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "reidkit" / "__main__.py"), "demo"])
+    assert invoked_as() == f"{sys.executable} -m reidkit"
