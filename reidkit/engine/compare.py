@@ -186,39 +186,56 @@ def to_markdown(frame: pd.DataFrame, notes: Sequence[str] = ()) -> str:
 
 
 def save_comparison_plot(summaries: Sequence[RunSummary], out: Path) -> Path:
-    """Rank-1 and mAP per run as grouped bars, the paper's values as markers, one PNG."""
+    """Rank-1 and mAP per run as grouped bars, each with its value written above it (a bar at 0
+    is a score of 0, not a missing run), the published values as black marks, one PNG."""
+    figure = comparison_figure(summaries)
+    with atomic_write(out) as temporary:
+        figure.savefig(temporary, format="png")
+    return out
+
+
+def comparison_figure(summaries: Sequence[RunSummary]):
+    """The figure `save_comparison_plot` writes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(max(5.0, 1.1 * len(summaries) + 2), 3.8), dpi=110)
+    figure = Figure(
+        figsize=(max(5.0, 1.1 * len(summaries) + 2), 4.0), dpi=110, layout="constrained"
+    )
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     xs = range(len(summaries))
     for offset, key, label in ((-0.2, "rank1", "rank-1"), (0.2, "mAP", "mAP")):
         bars = ax.bar([x + offset for x in xs], [getattr(s, key) for s in summaries], 0.38)
         bars.set_label(label)
-        # the value on every bar: a bar at 0 is a score of 0, not a missing run
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-        paper = [
-            (x + offset, getattr(s.paper, "rank1" if key == "rank1" else "mAP"))
-            for x, s in zip(xs, summaries, strict=True)
-            if s.paper is not None
-        ]
-        if paper:
-            ax.scatter(*zip(*paper, strict=True), marker="_", s=300, color="black", zorder=3)
+        for x, s in zip(xs, summaries, strict=True):
+            value = getattr(s, key)
+            published = None if s.paper is None else getattr(s.paper, key)
+            centre = x + offset
+            if published is not None:
+                mark = ([centre - 0.17, centre + 0.17], [published] * 2)
+                ax.plot(*mark, color="black", linewidth=2, zorder=3)
+            # above the bar and above its published mark, so that neither hides the number
+            top = max(value, published or 0.0)
+            ax.annotate(
+                f"{value:.1f}",
+                (centre, top),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     if any(s.paper is not None for s in summaries):
-        ax.scatter([], [], marker="_", s=300, color="black", label="paper")
+        ax.plot([], [], color="black", linewidth=2, label="published")
     ax.set_xticks(list(xs), [f"{s.run}\n{s.dataset}" for s in summaries], fontsize=7)
     ax.set_ylabel("%")
-    ax.set_ylim(0, 108)  # room for the labels of bars near 100
+    ax.set_ylim(0, 108)  # room for the values above bars near 100
     modes = sorted({s.ap_mode for s in summaries})
     ax.set_title(f"runs compared (AP mode: {', '.join(modes)})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    with atomic_write(out) as temporary:
-        figure.savefig(temporary, format="png")
-    return out
+    figure.legend(loc="outside lower center", ncol=3, fontsize=7, frameon=False)
+    return figure
 
 
 def _read_evaluation(path: Path) -> dict | None:

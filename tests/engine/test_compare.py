@@ -18,6 +18,7 @@ from reidkit.engine import evaluate as evaluate_module
 from reidkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from reidkit.engine.compare import (
     EVALUATION_NAME,
+    comparison_figure,
     comparison_frame,
     reference_notes,
     save_comparison_plot,
@@ -151,14 +152,18 @@ def test_a_comparable_run_shows_its_row_and_the_plot_labels_every_bar(
     assert reference_notes(summaries) == [
         "csalr: no reference row: preset smoke has no published numbers"
     ]
-    labels = []
-    monkeypatch.setattr(
-        "matplotlib.axes.Axes.bar_label",
-        lambda self, bars, *a, **k: labels.append([b.get_height() for b in bars]),
-    )
-    save_comparison_plot(summaries, tmp_path / "compare.png")
-    # every bar carries its value, so a bar at 0 reads as a score of 0, not as missing data
-    assert labels == [[s.rank1 for s in summaries], [s.mAP for s in summaries]]
+    (ax,) = comparison_figure(summaries).axes
+    # every bar carries its value, above the bar and above its published mark, so that a bar
+    # at 0 reads as a score of 0, not as missing data
+    values = [(s.rank1, s.paper and s.paper.rank1) for s in summaries]
+    values += [(s.mAP, s.paper and s.paper.mAP) for s in summaries]
+    bars = [bar for container in ax.containers for bar in container]
+    assert len(ax.texts) == len(bars) == len(values)
+    for text, bar, (value, published) in zip(ax.texts, bars, values, strict=True):
+        assert text.get_text() == f"{value:.1f}"
+        x, y = text.xy
+        assert x == bar.get_x() + bar.get_width() / 2 and y == max(value, published or 0)
+        assert bar.get_height() == value
 
 
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
