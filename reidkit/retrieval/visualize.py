@@ -199,9 +199,11 @@ def attention_figure(
     written under the last map of each point (CSALR: the reconstruction's distance to the
     full map).
     """
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     height, width = image.shape[:2]
     labels = list(maps)
     h, w = maps[labels[0]].shape[1:]
@@ -236,8 +238,17 @@ def attention_figure(
     for i, (y, x) in enumerate(centre):
         colour = POINT_COLOURS[i % len(POINT_COLOURS)]
         axes[0].scatter([x], [y], s=50, color=colour, edgecolors="white", linewidths=1)
-        axes[0].annotate(str(i + 1), (x, y), xytext=(5, -4), textcoords="offset points",
-                         color="white", fontsize=9, weight="bold")  # fmt: skip
+        # white with a dark outline: readable on light and dark images alike
+        axes[0].annotate(
+            str(i + 1),
+            (x, y),
+            xytext=(5, -4),
+            textcoords="offset points",
+            color="white",
+            fontsize=9,
+            weight="bold",
+            path_effects=outline,
+        )
         peak = max(float(maps[label][i].max()) for label in labels) or 1.0  # one scale per point
         for j, label in enumerate(labels):
             ax = axes[1 + i * len(labels) + j]
