@@ -19,6 +19,7 @@ from reidkit.config import (
     checkpoint_data_root,
     data_root,
     load_preset,
+    setting_text,
 )
 from reidkit.data.datasets import DATASETS, LIST_DATASETS, MANIFEST_NAME, dataset_folder
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
@@ -211,12 +212,13 @@ def paper_reference(
     if name not in presets:
         return Reference(None, f"{name} is not a shipped preset, so its settings cannot be checked")
     preset = load_preset(presets[name])
-    differ = [
-        f"{section}.{key} {getattr(getattr(config, section), key)} "
-        f"(preset {getattr(getattr(preset, section), key)})"
-        for section, key in COMPARABLE_KEYS
-        if getattr(getattr(config, section), key) != getattr(getattr(preset, section), key)
-    ]
+    differ = []
+    for section, setting in COMPARABLE_KEYS:
+        ours, theirs = (getattr(getattr(c, section), setting) for c in (config, preset))
+        if ours != theirs:
+            differ.append(
+                f"{section}.{setting} {setting_text(ours)} (preset {setting_text(theirs)})"
+            )
     if differ:
         return Reference(None, f"the run differs from preset {name}: {', '.join(differ)}")
     if epoch is not None and epoch < config.train.epochs:

@@ -177,7 +177,7 @@ def test_the_presets_own_run_on_a_verified_official_dataset_gets_its_row(tmp_pat
             {"dataset": "market1501", "verified": True},
             ("model.pretrained=false", "attention.kind=none"),
             {},
-            "the run differs from preset pcb-csalr: model.pretrained False (preset True), "
+            "the run differs from preset pcb-csalr: model.pretrained false (preset true), "
             "attention.kind none (preset csalr)",
         ),
         (
