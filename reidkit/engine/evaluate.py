@@ -146,13 +146,17 @@ def manifest_sha256(path: Path) -> str | None:
         return None
 
 
-# What makes a run the one a published row measured: the model, its initialisation, the
-# input size and the training length. Other keys (batch size, rates, ...) may be tuned.
+# What makes a run the one a published row measured: the model (with the attention settings
+# the paper's Tables 2-4 vary), its initialisation, the input size and the training length.
+# Other keys (batch size, rates, workers) may be tuned.
 COMPARABLE_KEYS = (
     ("model", "arch"),
     ("model", "pretrained"),
     ("model", "head"),
     ("attention", "kind"),
+    ("attention", "stages"),
+    ("attention", "groups"),
+    ("attention", "grid"),
     ("data", "height"),
     ("data", "width"),
     ("train", "epochs"),

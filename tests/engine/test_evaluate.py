@@ -182,6 +182,12 @@ def test_the_presets_own_run_on_a_verified_official_dataset_gets_its_row(tmp_pat
         ),
         (
             {"dataset": "market1501", "verified": True},
+            ("attention.grid=6,4",),  # Table 2's 24 landmarks, not Table 1's 96
+            {},
+            "the run differs from preset pcb-csalr: attention.grid 6,4 (preset 12,8)",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
             (),
             {"epoch": 40},
             "the checkpoint has trained 40 of its 100 epochs",
@@ -206,6 +212,7 @@ def test_the_presets_own_run_on_a_verified_official_dataset_gets_its_row(tmp_pat
         "unverified",
         "arch-input-epochs",
         "init-attention",
+        "ablation",
         "unfinished",
         "reranked",
         "cross-domain",
