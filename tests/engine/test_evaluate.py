@@ -171,7 +171,8 @@ def test_the_presets_own_run_on_a_verified_official_dataset_gets_its_row(tmp_pat
             ),  # fmt: skip
             {},
             "the run differs from preset pcb-csalr: model.arch resnet18 (preset resnet50), "
-            "data.height 96 (preset 384), data.width 32 (preset 128), train.epochs 2 (preset 100)",
+            "attention.grid 3,2 (preset 12,8), data.height 96 (preset 384), data.width 32 "
+            "(preset 128), train.epochs 2 (preset 100)",
         ),
         (
             {"dataset": "market1501", "verified": True},
