@@ -69,6 +69,8 @@ class ReidModel:
         self.net, self.config, self.checkpoint, self.device = net, config, checkpoint, device
         data = config.data
         self._transform = build_transform(data.height, data.width, train=False)
+        # the flip settings `embed` has used, so that a gallery records how it was embedded
+        self.embedded_flips: set[bool] = set()
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -94,7 +96,7 @@ class ReidModel:
         (default: the checkpoint's `eval.flip`); `batch_size` defaults to its
         `eval.batch_size`.
         """
-        flip = self.config.eval.flip if flip is None else flip
+        flip = self.config.eval.flip if flip is None else bool(flip)
         batch_size = batch_size or self.config.eval.batch_size
         if _is_one_image(images):  # a path string would otherwise be embedded letter by letter
             images = [images]
@@ -103,6 +105,7 @@ class ReidModel:
                 f"embed() takes images (PIL images, (H, W, 3) uint8 arrays or paths), one or a "
                 f"list of them; got a {type(images).__name__}"
             )
+        self.embedded_flips.add(flip)
         chunks, batch = [], []
         for item in images:
             batch.append(self._transform(_as_image(item)))
@@ -194,11 +197,16 @@ class GalleryIndex:
         camids: Sequence[int] | None = None,
         kind: str = "flat",
         model: ReidModel | None = None,
+        flip: bool | None = None,
     ) -> GalleryIndex:
         """An index over `features` (flat: exact; ivf, hnsw: approximate; exact: no FAISS).
 
         Without `pids` / `camids`, they are read from file names that start `PID_cCAM`, as
         `reidkit extract --images` reads them (-1 for any other name or without `paths`).
+        `paths` are stored absolute, as `extract` stores them, so that the saved folder is
+        searched from any working folder. `flip` is recorded so that `reidkit search` embeds
+        queries as the gallery was; by default it is the one `model.embed` used (refused
+        when it used both), else the model's `eval.flip`.
         """
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2 or not features.size:
@@ -207,7 +215,17 @@ class GalleryIndex:
                 f"{features.shape}"
             )
         n = len(features)
-        names = [str(p) for p in paths] if paths is not None else [""] * n
+        if paths is not None:
+            names = [str(Path(p).expanduser().resolve()) for p in paths]
+        else:
+            names = [""] * n
+        if model is not None and flip is None:
+            if len(model.embedded_flips) > 1:
+                raise DatasetError(
+                    "the model has embedded images both with and without flip; pass "
+                    "GalleryIndex.build(..., flip=True or False) to say how these were embedded"
+                )
+            flip = next(iter(model.embedded_flips), model.config.eval.flip)
         parsed = [parse_market_name(Path(name).name) or (-1, -1) for name in names]
         meta = pd.DataFrame(
             {
@@ -224,7 +242,7 @@ class GalleryIndex:
             "checkpoint": str(model.checkpoint) if model else "",
             "checkpoint_sha256": checkpoint_digest(model.checkpoint) if model else "",
             "feature_kind": model.feature if model else "",
-            "flip": bool(model.config.eval.flip) if model else False,
+            "flip": bool(flip),
             "source": "python api",
             "reidkit": __version__,
         }

@@ -20,7 +20,7 @@ from reidkit.outputs import (
     write_output_text,
     writing,
 )
-from reidkit.terminal import OutputConsole, titled_table
+from reidkit.terminal import OutputConsole, invoked_as, titled_table
 
 app = typer.Typer(
     help="Person re-identification: prepare benchmarks, train PCB/RPP + CSALR, evaluate, search.",
@@ -70,6 +70,13 @@ def check_choice(option: str, value: str | None, values: tuple[str, ...]) -> Non
         raise fail(ValueError(f"{option} {value!r}: choose {listed}"), 2)
 
 
+# The dataset names `--dataset` takes, for --help (tests/test_cli_help.py holds it to
+# reidkit.data.datasets, which is not imported here: --help stays fast).
+DATASET_NAMES = (
+    "market1501, dukemtmc-reid, cuhk03-np, cuhk03-np-labeled, msmt17, synthetic, or the --name "
+    "a custom set was prepared under (short names: market, duke, cuhk03, msmt)"
+)
+
 # Options that evaluate and extract share; each defaults to what the checkpoint says.
 CheckpointDataRoot = Annotated[
     Path | None,
@@ -77,6 +84,7 @@ CheckpointDataRoot = Annotated[
         "--data-root",
         help="where prepared datasets live (default: $REIDKIT_DATA, else the checkpoint's "
         "training root, else ~/data)",
+        metavar="FOLDER",
     ),
 ]
 CheckpointFlip = Annotated[
@@ -136,10 +144,26 @@ def main(
 
 
 @app.command()
-def presets() -> None:
-    """List the shipped presets with a one-line description each."""
-    from reidkit.config import available_presets, preset_description
+def presets(
+    keys: Annotated[
+        bool,
+        typer.Option(
+            "--keys", help="list every setting `train --set KEY=VALUE` takes, with its default"
+        ),
+    ] = False,
+) -> None:
+    """List the shipped presets with a one-line description each (--keys: the settings)."""
+    from reidkit.config import available_presets, preset_description, setting_keys
 
+    if keys:
+        title = "settings (reidkit train --set KEY=VALUE; a preset changes some defaults)"
+        table = Table(title=title, min_width=len(title))
+        for column in ("key", "values", "default"):
+            table.add_column(column, style="bold" if column == "key" else None)
+        for key, values, default in setting_keys():
+            table.add_row(key, values, default or "(empty)")
+        console.print(table)
+        return
     table = Table(title="presets (reidkit train --preset NAME)")
     table.add_column("name", style="bold")
     table.add_column("description")
@@ -157,16 +181,22 @@ def prepare(
         str,
         typer.Argument(
             help="market1501 | dukemtmc-reid | cuhk03-np | msmt17 | custom | synthetic "
-            "(short names: market, duke, cuhk03, msmt)"
+            "(short names: market, duke, cuhk03, msmt)",
+            metavar="DATASET",
         ),
     ],
-    root: Annotated[Path, typer.Argument(help="data root; the dataset goes to ROOT/NAME")],
+    root: Annotated[
+        Path, typer.Argument(help="data root; the dataset goes to ROOT/NAME", metavar="ROOT")
+    ],
     source: Annotated[
         Path | None,
-        typer.Option(help="archive (.zip/.tar/.tar.gz) or folder; default: look in ROOT"),
+        typer.Option(
+            help="archive (.zip/.tar/.tar.gz) or folder; default: look in ROOT", metavar="PATH"
+        ),
     ] = None,
     name: Annotated[
-        str | None, typer.Option(help="folder name under ROOT (default: the dataset name)")
+        str | None,
+        typer.Option(help="folder name under ROOT (default: the dataset name)", metavar="NAME"),
     ] = None,
     variant: Annotated[
         str,
@@ -187,16 +217,19 @@ def prepare(
     check_images: Annotated[
         bool, typer.Option(help="decode every image again, also of an already prepared dataset")
     ] = False,
-    seed: Annotated[int, typer.Option(help="synthetic: random seed")] = 0,
-    train_ids: Annotated[int, typer.Option(help="synthetic: training identities")] = 60,
-    test_ids: Annotated[int, typer.Option(help="synthetic: test identities")] = 40,
-    cameras: Annotated[int, typer.Option(help="synthetic: cameras")] = 4,
+    seed: Annotated[int, typer.Option(help="synthetic: random seed", metavar="N")] = 0,
+    train_ids: Annotated[
+        int, typer.Option(help="synthetic: training identities", metavar="N")
+    ] = 60,
+    test_ids: Annotated[int, typer.Option(help="synthetic: test identities", metavar="N")] = 40,
+    cameras: Annotated[int, typer.Option(help="synthetic: cameras (2-6)", metavar="N")] = 4,
 ) -> None:
     """Verify a dataset against its published counts and write ROOT/NAME/manifest.csv."""
     from reidkit.data.datasets import DATASET_NAMES, canonical_name
     from reidkit.data.prepare import CountMismatchError, prepare_dataset
     from reidkit.data.synthetic import SyntheticSpec
 
+    check_choice("--variant", variant, VARIANTS)
     try:
         synthetic = SyntheticSpec(
             train_ids=train_ids, test_ids=test_ids, cameras=cameras, seed=seed
@@ -271,21 +304,36 @@ def prepare(
 def train(
     preset: Annotated[
         str | None,
-        typer.Option(help="preset name (see `reidkit presets`) or a .toml file (default: smoke)"),
+        typer.Option(
+            help="preset name (`reidkit presets` lists them) or a .toml file (default: smoke)",
+            metavar="NAME|FILE",
+        ),
     ] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="prepared dataset (default: the preset's)")
+        str | None,
+        typer.Option(
+            help=f"prepared dataset: {DATASET_NAMES}; default: the preset's", metavar="NAME"
+        ),
     ] = None,
     data_root: Annotated[
         Path | None,
-        typer.Option(help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)"),
+        typer.Option(
+            help="where prepared datasets live (default: $REIDKIT_DATA or ~/data)",
+            metavar="FOLDER",
+        ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="output folder (default: runs/<preset>-<dataset>/)")
+        Path | None,
+        typer.Option(help="output folder (default: runs/<preset>-<dataset>/)", metavar="FOLDER"),
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="override a setting: section.key=value (repeatable)"),
+        typer.Option(
+            "--set",
+            help="override a setting, e.g. train.epochs=5 or attention.grid=6,4 (repeatable); "
+            "`reidkit presets --keys` lists every key with its values and default",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -336,7 +384,7 @@ def train(
 
 
 def report_table(report) -> Table:
-    """The evaluation table: ours beside the paper's Table 1 row when there is one."""
+    """The evaluation table: ours beside the published row when the run compares with it."""
     metrics = report.metrics
     title = (
         f"{report.preset} on {report.dataset}: {report.num_query:,} queries, "
@@ -364,6 +412,8 @@ def print_report(report) -> None:
     """The table, then the protocol it was computed under, never wrapped mid-phrase."""
     metrics = report.metrics
     console.print(report_table(report))
+    if report.paper is None and report.paper_note:
+        console.print(f"no reference row: {report.paper_note}", soft_wrap=True, highlight=False)
     unmatched = metrics.num_skipped_queries
     if metrics.ap_mode == "official":  # the official code averages over every query
         queries = (
@@ -390,9 +440,15 @@ def print_report(report) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
     dataset: Annotated[
-        str | None, typer.Option(help="prepared dataset (default: the one it was trained on)")
+        str | None,
+        typer.Option(
+            help=f"prepared dataset: {DATASET_NAMES}; default: the one it was trained on",
+            metavar="NAME",
+        ),
     ] = None,
     data_root: CheckpointDataRoot = None,
     flip: CheckpointFlip = None,
@@ -413,22 +469,27 @@ def evaluate(
     ] = None,
     feature: CheckpointFeature = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="also write the results here")
+        Path | None, typer.Option("--json", help="also write the results here", metavar="FILE")
     ] = None,
-    cmc_plot: Annotated[Path | None, typer.Option(help="write the CMC curve to this PNG")] = None,
+    cmc_plot: Annotated[
+        Path | None, typer.Option(help="write the CMC curve to this PNG", metavar="FILE")
+    ] = None,
     gallery: Annotated[
         str | None,
         typer.Option(
             help="rank the gallery `extract` stored here (milvus:PATH.db, milvus:http://HOST:"
-            "19530 or an index folder) instead of embedding the dataset's gallery split"
+            "19530 or an index folder) instead of embedding the dataset's gallery split",
+            metavar="FOLDER|URI",
         ),
     ] = None,
     collection: Annotated[
         str | None,
-        typer.Option(help="Milvus collection of --gallery (default: reidkit_gallery)"),
+        typer.Option(
+            help="Milvus collection of --gallery (default: reidkit_gallery)", metavar="NAME"
+        ),
     ] = None,
 ) -> None:
-    """Rank the gallery for every query; print R1/R5/R10/mAP/mINP beside the paper's row."""
+    """Rank the gallery for every query: R1/R5/R10/mAP/mINP, the published row when comparable."""
     from reidkit.engine.evaluate import run_evaluation
     from reidkit.retrieval.visualize import save_cmc_curve
 
@@ -467,25 +528,34 @@ def evaluate(
 
 Collection = Annotated[
     str | None,
-    typer.Option(help="Milvus collection of the gallery (default: reidkit_gallery)"),
+    typer.Option(
+        help="Milvus collection of the gallery (default: reidkit_gallery)", metavar="NAME"
+    ),
 ]
 
 
 @app.command()
 def extract(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
-    dataset: Annotated[str | None, typer.Option(help="prepared dataset to embed")] = None,
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(help=f"prepared dataset to embed: {DATASET_NAMES}", metavar="NAME"),
+    ] = None,
     split: Annotated[
         str, typer.Option(help="the split to embed", metavar=choices(SPLITS))
     ] = "gallery",
     images: Annotated[
-        Path | None, typer.Option(help="embed every image under this folder instead")
+        Path | None,
+        typer.Option(help="embed every image under this folder instead", metavar="FOLDER"),
     ] = None,
     out: Annotated[
         str | None,
         typer.Option(
             help="index folder (default: runs/index, where search looks), or milvus:PATH.db "
-            "(Milvus Lite) / milvus:http://HOST:19530 (a Milvus server)"
+            "(Milvus Lite) / milvus:http://HOST:19530 (a Milvus server)",
+            metavar="FOLDER|URI",
         ),
     ] = None,
     data_root: CheckpointDataRoot = None,
@@ -602,28 +672,39 @@ def print_search(results) -> None:
 
 @app.command()
 def search(
-    queries: Annotated[list[Path], typer.Argument(help="query image(s)")],
+    queries: Annotated[list[Path], typer.Argument(help="query image(s)", metavar="IMAGE...")],
     index: Annotated[
         str | None,
         typer.Option(
             help="gallery from `reidkit extract`: an index folder (default: runs/index) or "
-            "milvus:PATH.db / milvus:http://HOST:19530"
+            "milvus:PATH.db / milvus:http://HOST:19530",
+            metavar="FOLDER|URI",
         ),
     ] = None,
-    top: Annotated[int, typer.Option(min=1, help="how many matches to show per query")] = 10,
-    save: Annotated[Path, typer.Option(help="ranked montage PNG")] = Path("ranked.png"),
+    top: Annotated[
+        int, typer.Option(min=1, help="how many matches to show per query", metavar="N")
+    ] = 10,
+    save: Annotated[Path, typer.Option(help="ranked montage PNG", metavar="FILE")] = Path(
+        "ranked.png"
+    ),
     collection: Collection = None,
-    camera: Annotated[str | None, typer.Option(help="only these cameras: 3,4,5 or 3-5")] = None,
+    camera: Annotated[
+        str | None, typer.Option(help="only these cameras: 3,4,5 or 3-5", metavar="LIST")
+    ] = None,
     after: Annotated[
         str | None,
-        typer.Option(help="only from this time on: a frame number or 2024-05-01T10:00 (UTC)"),
+        typer.Option(
+            help="only from this time on: a frame number or 2024-05-01T10:00 (UTC)",
+            metavar="TIME",
+        ),
     ] = None,
     before: Annotated[
         str | None,
-        typer.Option(help="only before this time (exclusive), as --after"),
+        typer.Option(help="only before this time (exclusive), as --after", metavar="TIME"),
     ] = None,
     path_prefix: Annotated[
-        str | None, typer.Option(help="only images whose path starts with this")
+        str | None,
+        typer.Option(help="only images whose path starts with this", metavar="PREFIX"),
     ] = None,
 ) -> None:
     """Find a person: the top matches of each query image, as a table and a montage PNG."""
@@ -654,9 +735,9 @@ def search(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="folder for data, run, index and pictures")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="folder for data, run, index and pictures", metavar="FOLDER")
+    ] = Path("runs/demo"),
 ) -> None:
     """The whole pipeline on synthetic people, on a CPU: prepare, train, evaluate, search."""
     from reidkit.engine.demo import run_demo
@@ -668,20 +749,29 @@ def demo(
         raise fail(err) from None
     print_report(result.report)  # its chance rank-1 line puts the scores in scale
     print_search([result.search])
+    # the program as this shell reaches it: bare `reidkit` only in an activated environment
+    again = command_line("search", result.search.query, "--index", result.index)
     console.print(
         f"\ncheckpoint  {result.checkpoint}\ncurves      {result.curves_png}\n"
         f"index       {result.index}\nranked      {result.ranked_png}\n"
-        f"try: reidkit search {result.search.query} --index {result.index}"
+        f"try: {invoked_as()} {again}"
     )
 
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint written by `reidkit train`")],
-    out: Annotated[Path, typer.Option(help="the ONNX file to write")] = Path("model.onnx"),
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint written by `reidkit train`", metavar="CHECKPOINT")
+    ],
+    out: Annotated[Path, typer.Option(help="the ONNX file to write", metavar="FILE")] = Path(
+        "model.onnx"
+    ),
     check_images: Annotated[
         Path | None,
-        typer.Option(help="folder of images to check the export on (default: its query split)"),
+        typer.Option(
+            help="folder of images to check the export on (default: its query split)",
+            metavar="FOLDER",
+        ),
     ] = None,
 ) -> None:
     """Write an ONNX model: N x 3 x H x W images -> the checkpoint's unit-length test feature."""
@@ -706,40 +796,39 @@ def export(
     console.print(f"model: {report.path} ({report.seconds:.1f} s)")
 
 
-def parse_point(text: str) -> tuple[float, float]:
-    """'y,x' (pixels of the resized input image) -> (y, x)."""
-    try:
-        y, x = (float(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a point as y,x in pixels, e.g. 60,32") from None
-    return y, x
-
-
 @app.command()
 def attention(
-    checkpoint: Annotated[Path, typer.Argument(help="checkpoint of a model with attention")],
-    image: Annotated[Path, typer.Argument(help="a person image")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="checkpoint of a model with attention", metavar="CHECKPOINT")
+    ],
+    image: Annotated[Path, typer.Argument(help="a person image", metavar="IMAGE")],
     stage: Annotated[
-        int | None, typer.Option(help="the module after this ResNet stage (default: the first)")
+        int | None,
+        typer.Option(
+            help="the module after this ResNet stage, 1-4 (default: the first)", metavar="N"
+        ),
     ] = None,
-    group: Annotated[int, typer.Option(min=0, help="which channel group's map")] = 0,
+    group: Annotated[int, typer.Option(min=0, help="which channel group's map", metavar="N")] = 0,
     point: Annotated[
         list[str] | None,
         typer.Option(
-            help="query point y,x in pixels of the resized input (repeatable; "
-            "default: head, chest, hips and knees)"
+            help="query point y,x in pixels of the resized input, or y%,x% of its height and "
+            "width (repeatable; default: head, chest, hips and knees)",
+            metavar="Y,X",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="the PNG to write")] = Path("attention.png"),
+    out: Annotated[Path, typer.Option(help="the PNG to write", metavar="FILE")] = Path(
+        "attention.png"
+    ),
 ) -> None:
     """The paper's Figure 4: attention maps of query points, CSALR's beside the full map."""
-    from reidkit.engine.attention_maps import attention_maps
+    from reidkit.engine.attention_maps import QueryPoint, attention_maps
     from reidkit.retrieval.visualize import save_attention_figure
 
     try:
-        points = [parse_point(text) for text in point] if point else None
-    except typer.BadParameter as err:
-        raise fail(ValueError(f"--point {err.message}"), 2) from None
+        points = [QueryPoint.parse(text) for text in point] if point else None
+    except ValueError as err:
+        raise fail(ValueError(f"--point {err}"), 2) from None
     try:
         inputs = [("the checkpoint", checkpoint), ("the image", image)]
         check_output_file("--out", out, "png", inputs=inputs)
@@ -751,7 +840,7 @@ def attention(
             )
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # as wide as its title: never folded
     table.add_column("point")
     table.add_column("map cell (row, column)")
     if result.errors is not None:
@@ -767,7 +856,9 @@ def attention(
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="run folders written by `reidkit train`")],
+    runs: Annotated[
+        list[Path], typer.Argument(help="run folders written by `reidkit train`", metavar="RUN...")
+    ],
     ap_mode: Annotated[
         str,
         typer.Option(
@@ -775,13 +866,14 @@ def compare(
             metavar=choices(AP_MODES),
         ),
     ] = "torchreid",
-    out: Annotated[Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)")] = Path(
-        "comparison"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="write OUT.md, OUT.csv and OUT.png (a prefix)", metavar="OUT")
+    ] = Path("comparison"),
 ) -> None:
-    """Finished runs side by side: metrics, the paper's row, epochs, time, images/s, memory."""
+    """Finished runs side by side: metrics, the published row, epochs, time, images/s, memory."""
     from reidkit.engine.compare import (
         comparison_frame,
+        reference_notes,
         run_checkpoint,
         save_comparison_plot,
         save_comparison_tables,
@@ -796,16 +888,20 @@ def compare(
             check_output_file("--out", path, kind, inputs=inputs)
         summaries = [summarise_run(run, ap_mode=ap_mode) for run in runs]
         frame = comparison_frame(summaries)
+        notes = reference_notes(summaries)
         with writing("--out", outputs[".md"]):
-            save_comparison_tables(frame, outputs[".md"], outputs[".csv"])
+            save_comparison_tables(frame, outputs[".md"], outputs[".csv"], notes)
         with writing("--out", outputs[".png"]):
             save_comparison_plot(summaries, outputs[".png"])
     except (ReidkitError, OSError) as err:
         raise fail(err) from None
     table = Table(title=f"runs compared (AP mode {ap_mode})")
     for column in frame.columns:
-        table.add_column(str(column), justify="left" if column in ("run", "preset") else "right")
+        left = column in ("run", "preset", "settings", "dataset")
+        table.add_column(str(column), justify="left" if left else "right")
     for row in frame.itertuples(index=False):
         table.add_row(*("" if value is None or value != value else str(value) for value in row))
     console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=True, highlight=False)
     console.print(f"written: {', '.join(str(p) for p in outputs.values())}")

@@ -30,7 +30,9 @@ class DataConfig:
     pad_crop: int = 0  # pixels of zero padding before a random crop back to size; 0 = off
     sampler: Literal["random", "identity"] = "random"  # PCB samples images uniformly
     instances: int = 4  # K images per identity when sampler = "identity" (P = batch / K)
-    workers: int = 4  # DataLoader worker processes; 0 loads in the main process
+    # DataLoader worker processes, capped at the cores the process may use; 0 loads in the
+    # main process
+    workers: int = 4
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,46 @@ def apply_overrides(config: RunConfig, overrides: typing.Sequence[str]) -> RunCo
     return config
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as `--set` takes it: true/false, comma-separated tuples."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(setting_text(v) for v in value)
+    return str(value)
+
+
+def _type_text(hint: Any) -> str:
+    """What `--set` accepts for a field of type `hint`, in words a user reads."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"{_type_text(args[0])}s, comma-separated"
+        return ",".join(_type_text(a) for a in args)
+    return {bool: "true|false", int: "integer", float: "number", str: "text"}[hint]
+
+
+def setting_keys() -> list[tuple[str, str, str]]:
+    """(section.key, accepted values, default) of every setting `--set` can change."""
+    rows = []
+    for section in SECTIONS:
+        cls = _section_class(section)
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in fields(cls):
+            rows.append(
+                (
+                    f"{section}.{f.name}",
+                    _type_text(hints[f.name]),
+                    setting_text(getattr(defaults, f.name)),
+                )
+            )
+    return rows
+
+
 def _section_class(section: str) -> type:
     return {
         "data": DataConfig,
@@ -461,6 +503,16 @@ FIELD_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+def dividing_grid(grid: tuple[int, int], maps: list[tuple[int, int]]) -> tuple[int, int]:
+    """The grid nearest below `grid` whose sides divide every map: each side the largest
+    divisor of the maps' common divisor that does not exceed the side asked for (at least 1)."""
+    sides = []
+    for asked, lengths in zip(grid, zip(*maps, strict=True), strict=True):
+        common = math.gcd(*lengths)
+        sides.append(max(d for d in range(1, common + 1) if common % d == 0 and d <= max(asked, 1)))
+    return sides[0], sides[1]
+
+
 def validate(config: RunConfig) -> None:
     """Field ranges, then cross-field checks: each would otherwise fail deep inside a run."""
     for dotted, valid, what in FIELD_RANGES:
@@ -488,14 +540,15 @@ def validate(config: RunConfig) -> None:
                 f"attention.stages = {attn.stages}: give distinct stages from 1-4, e.g. 1,2,3"
             )
         if attn.kind == "csalr":
-            for stage in attn.stages:
-                h, w = stage_map_size(config, stage)
-                gh, gw = attn.grid
+            maps = [stage_map_size(config, stage) for stage in attn.stages]
+            gh, gw = attn.grid
+            for stage, (h, w) in zip(attn.stages, maps, strict=True):
                 if gh < 1 or gw < 1 or h % gh or w % gw:
+                    sh, sw = dividing_grid(attn.grid, maps)
                     raise ConfigError(
                         f"attention.grid = {gh}x{gw} does not divide the {h}x{w} map after stage "
                         f"{stage} at {data.height}x{data.width} input; choose a grid whose sides "
-                        "divide every attended map, e.g. attention.grid=6,4"
+                        f"divide every attended map, e.g. attention.grid={sh},{sw}"
                     )
     if data.sampler == "identity" and train.batch_size % data.instances:
         raise ConfigError(

@@ -3,6 +3,11 @@ behave when the output is a file, a pipe or CI instead of a terminal."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import sys
+
 import rich
 import rich.console
 from rich.cells import cell_len
@@ -50,3 +55,20 @@ def titled_table(title: str, **options) -> Table:
     The width counts terminal cells, not characters: a CJK character takes two.
     """
     return Table(title=title, min_width=cell_len(title), **options)
+
+
+def invoked_as() -> str:
+    """How to run this reidkit again from the same shell, for commands it suggests.
+
+    `reidkit` when that name on PATH is this program (an activated environment); otherwise
+    the path it was started by (`.venv/bin/reidkit`), or `python -m reidkit` for the module.
+    """
+    started = sys.argv[0] if sys.argv else ""
+    if os.path.basename(started) == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m reidkit"
+    found = shutil.which("reidkit")
+    if not started or os.sep not in started:
+        return "reidkit"  # found on PATH by that name
+    if found and os.path.realpath(found) == os.path.realpath(started):
+        return "reidkit"
+    return shlex.quote(started)

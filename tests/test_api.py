@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 import reidkit
 from reidkit.api import GalleryIndex, load_model
+from reidkit.cli import app
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.engine.checkpoint import load_model as load_checkpoint_model
 from reidkit.engine.extract import extract_features
@@ -118,4 +121,42 @@ def test_readme_example_runs(tiny_checkpoint, tiny_root, tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 5 and all(re.fullmatch(r"-?\d\.\d{3}  \S+\.jpg", line) for line in lines)
-    assert (tmp_path / "runs" / "my-index" / "index.faiss").is_file()
+    index = tmp_path / "runs" / "my-index"
+    assert (index / "index.faiss").is_file()
+    # the gallery was embedded with flip=True: the folder says so, for `search` to do the same
+    assert json.loads((index / "info.json").read_text())["flip"] is True
+    # the README's `reidkit search ... --index runs/my-index`, from another folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    query = sorted((tiny_root / "tiny" / "query").glob("*.jpg"))[0]
+    searched = CliRunner().invoke(
+        app, ["search", str(query), "--index", str(index), "--top", "3"], env={"COLUMNS": None}
+    )
+    assert searched.exit_code == 0, searched.output
+    gallery = (tmp_path / "runs" / "demo" / "data" / "synthetic" / "bounding_box_test").resolve()
+    rows = [line for line in searched.stdout.splitlines() if f"{gallery}/" in line]
+    assert len(rows) == 3  # each ranked image by its absolute path
+    assert (elsewhere / "ranked.png").is_file()
+
+
+def test_a_gallery_records_the_flip_it_was_embedded_with(tiny_checkpoint, gallery_rows):
+    paths = list(gallery_rows["path"][:3])
+    model = load_model(tiny_checkpoint, device="cpu")
+    assert model.config.eval.flip is False
+    features = model.embed(paths, flip=True)
+    assert GalleryIndex.build(features, paths=paths, model=model).info["flip"] is True
+    assert GalleryIndex.build(features, paths=paths, model=model, flip=False).info["flip"] is False
+    model.embed(paths[:1])  # now without flip too: which one the gallery used is not known
+    with pytest.raises(DatasetError, match=r"pass GalleryIndex.build\(..., flip=True or False\)"):
+        GalleryIndex.build(features, paths=paths, model=model)
+    plain = load_model(tiny_checkpoint, device="cpu")
+    plain.embed(paths)
+    assert GalleryIndex.build(features, paths=paths, model=plain).info["flip"] is False
+
+
+def test_relative_gallery_paths_are_stored_absolute(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_root)
+    relative = [Path("tiny") / "query" / name for name in ("a.jpg", "b.jpg")]
+    index = GalleryIndex.build(np.eye(2, dtype=np.float32), paths=relative)
+    assert list(index.meta["path"]) == [str(tiny_root / p) for p in relative]

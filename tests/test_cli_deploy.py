@@ -125,9 +125,17 @@ def test_compare_writes_markdown_csv_and_png_with_each_runs_evaluation(two_runs,
         saved = json.loads((run / "evaluation.json").read_text())
         assert saved["ap_mode"] == "official"
     markdown = prefix.with_name("table.md").read_text()
-    # header, rule, one row per run, then reidkit's mark (a later --out may replace the file)
-    assert markdown.count("\n") == 3 + len(two_runs) and "| run | preset |" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(two_runs) and table[0].startswith("| run | preset |")
+    # below it, why neither run has a published row (smoke has none), then reidkit's mark (a
+    # later --out may replace the file)
+    notes = markdown.splitlines()[len(table) + 1 : -1]
+    assert notes == [f"- {run.name}: no reference row: preset smoke has no published numbers"
+                     for run in two_runs]  # fmt: skip
     assert markdown.splitlines()[-1].startswith("<!-- written_by: reidkit ")
+    assert [line for line in result.stdout.splitlines() if "no reference row" in line] == [
+        note[2:] for note in notes
+    ]
     with Image.open(prefix.with_name("table.png")) as png:
         assert png.format == "PNG"
 

@@ -3,12 +3,14 @@ they are, help that lists choices."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from reidkit.cli import app
+from reidkit.terminal import invoked_as
 
 runner = CliRunner()
 
@@ -135,6 +137,10 @@ def test_help_lists_the_choices_of_choice_options(command, listed):
         (("evaluate", "x.pt", "--feature", "z"), "--feature 'z': choose g or h"),
         (("extract", "x.pt", "--split", "test"), "--split 'test': choose query, gallery or train"),
         (("extract", "x.pt", "--index", "ann"), "--index 'ann': choose flat, ivf or hnsw"),
+        (
+            ("prepare", "cuhk03", "data", "--variant", "hand"),
+            "--variant 'hand': choose detected or labeled",
+        ),
     ],
 )
 def test_a_value_outside_the_choices_is_one_line_with_exit_code_2(args, line):
@@ -158,3 +164,18 @@ def test_a_preset_that_is_a_folder_and_an_index_that_is_a_file_are_named_so(tmp_
     index_file.write_bytes(b"\0" * 16)
     line = error_line(invoke("search", tmp_path / "q.jpg", "--index", index_file))
     assert f"--index {index_file} is a file; give the folder `reidkit extract` wrote" in line
+
+
+def test_suggested_commands_call_reidkit_as_this_shell_reaches_it(tmp_path: Path, monkeypatch):
+    bin_folder = tmp_path / ".venv" / "bin"
+    bin_folder.mkdir(parents=True)
+    (bin_folder / "reidkit").write_text("#!/bin/sh\n")
+    (bin_folder / "reidkit").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/reidkit", "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert invoked_as() == ".venv/bin/reidkit"  # not activated: bare `reidkit` is not found
+    monkeypatch.setenv("PATH", f"{bin_folder}:/usr/bin:/bin")
+    assert invoked_as() == "reidkit"  # `source .venv/bin/activate` put it on PATH
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "reidkit" / "__main__.py"), "demo"])
+    assert invoked_as() == f"{sys.executable} -m reidkit"

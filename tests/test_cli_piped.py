@@ -81,3 +81,30 @@ def test_piped_prepare_prints_no_blank_lines(tiny_root: Path, tmp_path: Path):
     assert any(
         str(root / "people" / "manifest.csv") in line for line in prepared.stdout.splitlines()
     )
+
+
+def test_piped_attention_table_keeps_its_title_whole_and_takes_percent_points(
+    tiny_checkpoint, tiny_root: Path, tmp_path: Path
+):
+    # a long image name makes the title wider than the table's columns
+    query = sorted((tiny_root / "tiny" / "query").iterdir())[0]
+    image = tmp_path / ("a-person-photographed-at-the-station-entrance-" * 2 + ".jpg")
+    image.write_bytes(query.read_bytes())
+    out = tmp_path / "fig.png"
+    # 96x32 input: stage 1's map is 24x8; 50%,50% is its centre cell, 96%,0% its bottom-left
+    result = invoke("attention", tiny_checkpoint, image, "--point", "50%,50%", "--point",
+                    "96%,0%", "--out", out)  # fmt: skip
+    no_blank_lines(result.stdout)
+    title = f"{image.name}: CSALR after stage 1, group 0"
+    assert any(line.strip() == title for line in result.stdout.splitlines()), result.stdout
+    rows = [line for line in result.stdout.splitlines() if "12, 4" in line or "23, 0" in line]
+    assert len(rows) == 2
+    assert f"figure: {out}" in result.stdout.splitlines()
+
+
+def test_a_point_mixing_pixels_and_percent_is_a_usage_error(tiny_checkpoint):
+    result = runner.invoke(app, ["attention", str(tiny_checkpoint), "x.jpg", "--point", "50%,32"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: --point '50%,32': give a point as y,x in pixels")
+    assert "(e.g. 30%,50%)" in line

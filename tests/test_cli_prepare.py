@@ -244,7 +244,6 @@ def test_missing_source_says_which_file_to_place_where(tmp_path):
     ("args", "complaint"),
     [
         (["viper"], "unknown dataset 'viper'"),
-        (["cuhk03", "--variant", "hand"], "unknown variant 'hand'"),
         (["synthetic", "--cameras", "1"], "--cameras must be between 2"),
         (["custom", "--source", "/nonexistent/folder"], "does not exist"),
     ],
@@ -300,4 +299,11 @@ def test_synthetic_is_generated_then_reused(tmp_path):
     assert frame.loc[frame["split"] == "train", "pid"].nunique() == 5
     assert set(frame["camid"]) == {1, 2, 3}
     assert "reused existing manifest" in invoke(*args, "--seed", "4").stdout
-    assert "reused" not in invoke(*args, "--seed", "5").stdout
+    # the README's re-run without the original options: refused, not silently regenerated
+    manifest = (tmp_path / "synthetic" / "manifest.csv").read_bytes()
+    bare = invoke("synthetic", tmp_path)
+    assert bare.exit_code == 1
+    (line,) = error_lines(bare)
+    assert "generated with --train-ids 5 --test-ids 3 --cameras 3 --seed 4, not " in line
+    assert "--train-ids 60 --test-ids 40 --cameras 4 --seed 0" in line
+    assert (tmp_path / "synthetic" / "manifest.csv").read_bytes() == manifest

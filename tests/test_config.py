@@ -76,6 +76,28 @@ def test_grid_that_does_not_divide_a_stage_map_is_refused():
     assert apply_overrides(RunConfig(), ["attention.kind=none", "attention.grid=5,4"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "refused", "suggested"),
+    [
+        # 96x32 input: maps 24x8, 12x4, 6x2; the old fixed example 6,4 was this very grid
+        (("data.height=96", "data.width=32", "attention.grid=6,4"), "6x4", "6,2"),
+        # 384x128: maps 96x32, 48x16, 24x8 (common divisors 24 and 8)
+        (("attention.grid=5,4",), "5x4", "4,4"),
+        (("attention.grid=16,8",), "16x8", "12,8"),
+        (("attention.grid=0,3",), "0x3", "1,2"),
+    ],
+)
+def test_a_refused_grid_suggests_one_that_divides_every_map(overrides, refused, suggested):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(RunConfig(), list(overrides))
+    message = str(err.value)
+    assert f"attention.grid = {refused} does not divide" in message
+    assert message.endswith(f"e.g. attention.grid={suggested}")
+    # the suggestion, pasted back, is accepted
+    fixed = apply_overrides(RunConfig(), [*overrides[:-1], f"attention.grid={suggested}"])
+    assert fixed.attention.grid == tuple(int(v) for v in suggested.split(","))
+
+
 def test_stage_map_sizes_follow_last_stride():
     config = RunConfig()
     assert [stage_map_size(config, s) for s in (1, 2, 3, 4)] == [

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,10 @@ def test_demo_runs_the_pipeline_then_reuses_the_finished_run(
         return results[-1]
 
     monkeypatch.setattr(demo_module, "run_demo", tiny_demo)
-    shown = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    # the README's set-up runs `.venv/bin/reidkit demo` without activating the environment
+    monkeypatch.setattr(sys, "argv", [".venv/bin/reidkit", "demo"])
+    monkeypatch.setenv("PATH", os.defpath)
+    shown = CliRunner().invoke(app, ["demo", "--out", str(out)], env={"COLUMNS": None})
     assert shown.exit_code == 0, shown.output
     (second,) = results
     assert not second.trained and second.dataset.reused
@@ -80,3 +85,6 @@ def test_demo_runs_the_pipeline_then_reuses_the_finished_run(
     assert printed_rank1 and float(printed_rank1.group(1)) == pytest.approx(100 * rank1)
     assert "chance rank-1 (random ranking): 15.0%" in shown.stdout
     assert f"ranked{second.ranked_png}" in printed
+    # the suggested search runs in that shell: bare `reidkit` would be "command not found"
+    try_line = f"try: .venv/bin/reidkit search {second.search.query} --index {second.index}"
+    assert shown.stdout.splitlines()[-1] == try_line

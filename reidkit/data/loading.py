@@ -7,12 +7,14 @@ importing torch; they are re-exported here as the loader's entry points.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from rich.console import Console
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
@@ -330,6 +332,39 @@ def split_dataset(
     return ReidDataset(rows, transform)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS keeps one (taskset, a
+    container's CPU set), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+_CAPS_SAID: set[tuple[int, int]] = set()  # (asked, cap) pairs already reported
+
+
+def loader_workers(asked: int, *, announce: bool = True) -> int:
+    """`data.workers`, capped at the cores this process may use.
+
+    More worker processes than cores only compete for them (and PyTorch warns about it on
+    every loader); the presets ask for 4, which a 2-core machine cannot run. The cap is said
+    once per process, and only when it changes the value.
+    """
+    cap = usable_cores()
+    if asked <= cap:
+        return asked
+    if announce and (asked, cap) not in _CAPS_SAID:
+        _CAPS_SAID.add((asked, cap))
+        Console(stderr=True).print(
+            f"data.workers = {asked} capped at {cap}: this process may use {cap} CPU "
+            f"core{'s' if cap != 1 else ''}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return cap
+
+
 def build_loader(
     data: pd.DataFrame | ReidDataset,
     split: str,
@@ -355,6 +390,7 @@ def build_loader(
     the new seeds) and a resumed run replays the same epochs. With `config.workers = 0` the
     augmentation draws come from the main process's global torch RNG instead; seed it with
     `torch.manual_seed(epoch_seed(seed, epoch, rank))` before the epoch to get the same guarantee.
+    `config.workers` is capped at the cores this process may use (`loader_workers`).
     """
     if isinstance(data, ReidDataset):
         if data.splits != (split,):
@@ -364,7 +400,7 @@ def build_loader(
         dataset = split_dataset(data, split, config, train=train)
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
     common = {
-        "num_workers": config.workers,
+        "num_workers": loader_workers(config.workers, announce=rank == 0),
         "pin_memory": pin_memory,
         "generator": generator,  # seeds the workers: base seed + worker id
     }

@@ -295,11 +295,15 @@ def _prepare_custom(
 def _prepare_synthetic(spec: SyntheticSpec, folder: Path, progress: bool) -> PreparedDataset:
     _check_owner(folder, "synthetic", None)
     record = _read_record(folder)
-    if record is not None and record.get("synthetic") == asdict(spec):
+    recorded = record.get("synthetic") if record is not None else None
+    if isinstance(recorded, dict) and recorded != asdict(spec):
+        # Runs trained on it, and evaluations cached beside them, would silently go stale.
+        raise DatasetError(_spec_differs(folder, recorded, spec))
+    if recorded is not None:
         try:
             return _reuse(folder, spec.counts(), "synthetic", False, "full", progress)
         except DatasetError:
-            pass  # files gone or changed: ours to regenerate
+            pass  # files gone or changed: ours to regenerate, with the same spec
     if record is None and folder.is_dir() and any(folder.iterdir()):
         raise DatasetError(
             f"{folder} exists and was not made by `reidkit prepare synthetic`; "
@@ -320,6 +324,34 @@ def _prepare_synthetic(spec: SyntheticSpec, folder: Path, progress: bool) -> Pre
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PreparedDataset(folder.name, folder / MANIFEST_NAME, _summarise(frame), True, False, ())
+
+
+# How the command line names a SyntheticSpec field; the others are set from Python only.
+SYNTHETIC_OPTIONS = {
+    "train_ids": "--train-ids",
+    "test_ids": "--test-ids",
+    "cameras": "--cameras",
+    "seed": "--seed",
+}
+
+
+def _spec_differs(folder: Path, recorded: dict[str, Any], spec: SyntheticSpec) -> str:
+    """One line: which options made the dataset in `folder`, which this run asks for, and how
+    to re-verify it or get a fresh one."""
+    wanted = asdict(spec)
+    keys = [key for key in wanted if recorded.get(key) != wanted[key]]
+    keys += [key for key in recorded if key not in wanted]
+
+    def options(values: dict[str, Any]) -> str:
+        return " ".join(
+            f"{SYNTHETIC_OPTIONS.get(key, key)} {values.get(key, '(unset)')}" for key in keys
+        )
+
+    return (
+        f"{folder} holds a synthetic dataset generated with {options(recorded)}, not "
+        f"{options(wanted)}; repeat its options to re-verify it, or pass another --name (or "
+        f"delete {folder}) to generate a fresh one"
+    )
 
 
 def _reuse(

@@ -8,8 +8,10 @@ literal forms of :mod:`reidkit.models.reference`, so they are the model's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,9 +23,46 @@ from reidkit.errors import ConfigError, DatasetError
 from reidkit.models import reference
 from reidkit.models.attention import CSALR, GroupedAttention
 
+
+@dataclass(frozen=True)
+class QueryPoint:
+    """A query point (y, x): pixels of the resized input, or percent of its height and width
+    (which reads the same on every input size)."""
+
+    y: float
+    x: float
+    unit: Literal["px", "%"] = "px"
+
+    @classmethod
+    def parse(cls, text: str) -> QueryPoint:
+        """'y,x' in pixels or 'y%,x%' in percent; ValueError (its message the fix) otherwise."""
+        parts = [part.strip() for part in text.split(",")]
+        percent = [part.endswith("%") for part in parts]
+        try:
+            if len(parts) != 2 or percent[0] != percent[1]:
+                raise ValueError
+            y, x = (float(part.removesuffix("%")) for part in parts)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: give a point as y,x in pixels of the resized input (e.g. 60,32) or "
+                "in percent of its height and width (e.g. 30%,50%)"
+            ) from None
+        return cls(y, x, "%" if percent[0] else "px")
+
+    def pixels(self, height: int, width: int) -> tuple[float, float]:
+        """(y, x) in pixels of a `height` x `width` input."""
+        if self.unit == "%":
+            return self.y * height / 100, self.x * width / 100
+        return self.y, self.x
+
+    def __str__(self) -> str:
+        unit = "%" if self.unit == "%" else ""
+        return f"{self.y:g}{unit},{self.x:g}{unit}"
+
+
 # Points chosen when none are given: down the middle of a pedestrian crop, at head, chest,
-# hips and knees height (fractions of the map's height and width).
-DEFAULT_POINTS = ((0.15, 0.5), (0.35, 0.5), (0.55, 0.5), (0.8, 0.5))
+# hips and knees height.
+DEFAULT_POINTS = tuple(QueryPoint(y, 50, "%") for y in (15, 35, 55, 80))
 
 
 @dataclass(frozen=True)
@@ -39,12 +78,19 @@ class AttentionMaps:
     errors: tuple[float, ...] | None  # CSALR: per point, total variation to the full map
 
 
-def _map_point(point: tuple[float, float], size: tuple[int, int], image: tuple[int, int]):
-    """A (y, x) image pixel -> the (row, column) of the map cell holding it."""
+def _map_point(
+    point: QueryPoint | tuple[float, float], size: tuple[int, int], image: tuple[int, int]
+):
+    """A query point (a plain (y, x) is pixels) -> the (row, column) of the map cell holding it."""
     (h, w), (height, width) = size, image
-    y, x = point
+    point = point if isinstance(point, QueryPoint) else QueryPoint(*point)
+    y, x = point.pixels(height, width)
     if not (0 <= y < height and 0 <= x < width):
-        raise ConfigError(f"point {y:g},{x:g} lies outside the {height}x{width} input image")
+        raise ConfigError(
+            f"point {point} lies outside the {height}x{width} input image; give y below "
+            f"{height} and x below {width} (pixels of the resized input), or percentages of "
+            "its height and width, e.g. 50%,50%"
+        )
     return int(y * h / height), int(x * w / width)
 
 
@@ -55,10 +101,11 @@ def attention_maps(
     *,
     stage: int | None = None,
     group: int = 0,
-    points: list[tuple[float, float]] | None = None,
+    points: Sequence[QueryPoint | tuple[float, float]] | None = None,
 ) -> AttentionMaps:
     """Compute the maps of `checkpoint`'s module after `stage` (default: the first) for one
-    image, from `points` (y, x) in pixels of the resized input, or DEFAULT_POINTS."""
+    image, from `points` (QueryPoints, or (y, x) in pixels of the resized input), or
+    DEFAULT_POINTS."""
     net, state = load_model(checkpoint)
     config = state.config
     if not net.attention_stages:
@@ -92,8 +139,7 @@ def attention_maps(
     x = captured[0].float()  # (1, C, h, w): the module's input
     h, w = x.shape[-2:]
     size = (data.height, data.width)
-    chosen = points or [(fy * data.height, fx * data.width) for fy, fx in DEFAULT_POINTS]
-    cells = tuple(_map_point(p, (h, w), size) for p in chosen)
+    cells = tuple(_map_point(p, (h, w), size) for p in points or DEFAULT_POINTS)
     rows = [r * w + c for r, c in cells]
 
     def pick(full: torch.Tensor) -> np.ndarray:  # (1, G, n, n) -> (points, h, w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -11,8 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from reidkit.config import PaperRow, RunConfig, checkpoint_data_root, data_root
-from reidkit.data.datasets import dataset_folder
+from reidkit.config import (
+    PaperRow,
+    RunConfig,
+    available_presets,
+    checkpoint_data_root,
+    data_root,
+    load_preset,
+    setting_text,
+)
+from reidkit.data.datasets import DATASETS, LIST_DATASETS, MANIFEST_NAME, dataset_folder
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.data.prepare import CAMID_NOTE, RECORD_NAME
 from reidkit.engine.checkpoint import checkpoint_digest, load_model
@@ -53,7 +62,9 @@ class EvaluationReport:
     feature: str
     flip: bool
     rerank: bool
-    paper: PaperRow | None  # the paper's Table 1 row for this preset and dataset, if any
+    # The published row for this preset and dataset, shown only when the run compares with it
+    # (see `paper_reference`); otherwise `paper_note` says why there is none.
+    paper: PaperRow | None
     seconds: dict[str, float] = field(default_factory=dict)
     # False for a custom dataset prepared without camera ids: nothing is dropped as a
     # same-camera match, so the scores cannot be compared with published ones.
@@ -63,6 +74,9 @@ class EvaluationReport:
     gallery_ids: int | None = None  # identities in the gallery, distractors (pid 0) one
     checkpoint: str | None = None  # the file evaluated, absolute; None inside training
     gallery: str | None = None  # a gallery ranked where it lives (Milvus, a folder); None: embedded
+    paper_note: str | None = None  # why no published row is shown beside the scores
+    manifest: str | None = None  # the dataset's manifest.csv, absolute
+    manifest_sha256: str | None = None  # its digest: which exact dataset was evaluated
 
     @property
     def protocol(self) -> str:
@@ -105,6 +119,9 @@ class EvaluationReport:
             "rerank": self.rerank,
             "paper": None if self.paper is None else vars(self.paper),
             "gallery": self.gallery,
+            "paper_note": self.paper_note,
+            "manifest": self.manifest,
+            "manifest_sha256": self.manifest_sha256,
             "seconds": self.seconds,
         }
 
@@ -124,6 +141,110 @@ def has_camera_ids(folder: Path) -> bool:
         return True
     # datasets prepared before the record had the key carry the note instead
     return bool(record.get("camera_ids", CAMID_NOTE not in record.get("notes", [])))
+
+
+def manifest_sha256(path: Path) -> str | None:
+    """The digest of a manifest file (None when there is none): a re-prepared dataset with
+    other images or splits has another one, so results kept for the old one can be told apart."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+# What makes a run the one a published row measured: the model (with the attention settings
+# the paper's Tables 2-4 vary), its initialisation, the input size and the training length.
+# Other keys (batch size, rates, workers) may be tuned.
+COMPARABLE_KEYS = (
+    ("model", "arch"),
+    ("model", "pretrained"),
+    ("model", "head"),
+    ("attention", "kind"),
+    ("attention", "stages"),
+    ("attention", "groups"),
+    ("attention", "grid"),
+    ("data", "height"),
+    ("data", "width"),
+    ("train", "epochs"),
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The published row to print beside a run's scores, or why none is printed."""
+
+    row: PaperRow | None
+    note: str | None = None  # set exactly when `row` is None
+
+
+def paper_reference(
+    config: RunConfig,
+    folder: Path,
+    *,
+    epoch: int | None = None,
+    rerank: bool = False,
+) -> Reference:
+    """The preset's published row for the dataset in `folder`, when the run compares with it.
+
+    A row is shown only beside a run that measured what the publication measured: an official
+    dataset whose counts `prepare` verified against the published ones (its dataset.json says
+    so), evaluated on the dataset the run trained on, without re-ranking, by a run that is its
+    shipped preset's own in COMPARABLE_KEYS and has trained all its epochs (`epoch`, when
+    known). Otherwise the note says, in one phrase, why not.
+    """
+    name = config.name
+    if not config.paper:
+        return Reference(None, f"preset {name} has no published numbers")
+    record = _dataset_record(folder)
+    official = record.get("dataset")
+    if official not in DATASETS and official not in LIST_DATASETS:
+        kind = f"a {official} dataset" if isinstance(official, str) else "not prepared by reidkit"
+        return Reference(None, f"{folder.name} is {kind}, not an official benchmark")
+    if record.get("verified") is not True:
+        return Reference(
+            None, f"{folder.name}'s counts were not verified against the published ones"
+        )
+    key = official
+    if official in DATASETS and record.get("variant"):
+        key = DATASETS[official].variant(record["variant"]).default_name
+    if dataset_folder(config.data.dataset) != folder.name:
+        return Reference(
+            None,
+            f"trained on {dataset_folder(config.data.dataset)}, evaluated on {folder.name}: "
+            "the published rows train and test on one dataset",
+        )
+    if rerank:
+        return Reference(None, "re-ranked: the published rows are without re-ranking")
+    row = config.paper.get(key)
+    if row is None:
+        return Reference(None, f"preset {name} has no published row for {key}")
+    presets = available_presets()
+    if name not in presets:
+        return Reference(None, f"{name} is not a shipped preset, so its settings cannot be checked")
+    preset = load_preset(presets[name])
+    differ = []
+    for section, setting in COMPARABLE_KEYS:
+        ours, theirs = (getattr(getattr(c, section), setting) for c in (config, preset))
+        if ours != theirs:
+            differ.append(
+                f"{section}.{setting} {setting_text(ours)} (preset {setting_text(theirs)})"
+            )
+    if differ:
+        return Reference(None, f"the run differs from preset {name}: {', '.join(differ)}")
+    if epoch is not None and epoch < config.train.epochs:
+        return Reference(
+            None, f"the checkpoint has trained {epoch} of its {config.train.epochs} epochs"
+        )
+    return Reference(row)
+
+
+def _dataset_record(folder: Path) -> dict:
+    """The dataset's dataset.json ({} when missing or unreadable: not prepared by reidkit)."""
+    try:
+        record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def query_gallery(config: RunConfig, dataset: str | None = None) -> tuple[str, pd.DataFrame]:
@@ -147,14 +268,17 @@ def evaluate_model(
     ap_mode: str | None = None,
     rerank: bool | None = None,
     progress: bool = True,
+    epoch: int | None = None,
 ) -> EvaluationReport:
     """Embed the query and gallery of a prepared dataset with `model` and score the ranking.
 
-    Options left as None come from `config.eval`. Distances are cosine (1 - inner product
-    of unit-length embeddings), the exact index's similarity. `rerank` ranks by k-reciprocal
-    re-ranked distances instead (k1=20, k2=6, lambda=0.3), which, as in the authors' code,
-    start from euclidean distances between the embeddings: for unit-length vectors these
-    order neighbours as the cosine does, but the weights and the lambda term use their values.
+    Options left as None come from `config.eval`; `epoch` (the checkpoint's completed epochs)
+    decides, with the rest of `paper_reference`, whether the published row is shown.
+    Distances are cosine (1 - inner product of unit-length embeddings), the exact index's
+    similarity. `rerank` ranks by k-reciprocal re-ranked distances instead (k1=20, k2=6,
+    lambda=0.3), which, as in the authors' code, start from euclidean distances between the
+    embeddings: for unit-length vectors these order neighbours as the cosine does, but the
+    weights and the lambda term use their values.
     """
     evaluation = config.eval
     flip = evaluation.flip if flip is None else flip
@@ -222,6 +346,8 @@ def evaluate_model(
             progress=progress,
         )
     seconds["rank"] = time.perf_counter() - start
+    folder = data_root(config.data.root) / name
+    reference = paper_reference(config, folder, epoch=epoch, rerank=rerank)
     return EvaluationReport(
         dataset=name,
         preset=config.name,
@@ -231,12 +357,15 @@ def evaluate_model(
         feature=evaluation.feature,
         flip=flip,
         rerank=rerank,
-        paper=config.paper.get(dataset_folder(name)),
+        paper=reference.row,
+        paper_note=reference.note,
         seconds=seconds,
-        camera_rule=has_camera_ids(data_root(config.data.root) / name),
+        camera_rule=has_camera_ids(folder),
         chance_rank1=chance_rank1(*ids, ap_mode=ap_mode),
         query_ids=int(query["pid"].nunique()),
         gallery_ids=int(gallery["pid"].nunique()),
+        manifest=str((folder / MANIFEST_NAME).resolve()),
+        manifest_sha256=manifest_sha256(folder / MANIFEST_NAME),
     )
 
 
@@ -390,5 +519,12 @@ def run_evaluation(
         ap_mode=ap_mode,
         rerank=rerank,
         progress=progress,
+        epoch=state.epoch,
     )
     return replace(report, checkpoint=str(resolved))
+
+
+def evaluated_manifest(config: RunConfig, root: Path | None = None) -> Path:
+    """The manifest `run_evaluation` reads for a checkpoint with `config` on its own dataset."""
+    root = checkpoint_data_root(root, config.data.root)
+    return root / dataset_folder(config.data.dataset) / MANIFEST_NAME

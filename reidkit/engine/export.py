@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shlex
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -74,8 +76,8 @@ EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # reidkit[export]
 
 
 def import_onnx():
-    """(onnx, onnxruntime), or one line naming the packages missing and the extra that
-    installs them all (torch's exporter needs onnxscript too)."""
+    """(onnx, onnxruntime), or one line naming the packages missing and how to install all
+    three (torch's exporter needs onnxscript too)."""
     import importlib
 
     modules, missing = {}, []
@@ -85,9 +87,12 @@ def import_onnx():
         except ImportError:
             missing.append(name)
     if missing:
+        # `pip install 'reidkit[export]'` would ask the package index for another project of
+        # that name: name the packages, for the interpreter that runs reidkit
         raise ExportMissingError(
             f"ONNX export needs {', '.join(EXPORT_PACKAGES[:-1])} and {EXPORT_PACKAGES[-1]} "
-            f"({', '.join(missing)} missing): pip install 'reidkit[export]'"
+            f"({', '.join(missing)} missing): {shlex.quote(sys.executable)} -m pip install "
+            f'{" ".join(EXPORT_PACKAGES)} (from a reidkit checkout: pip install -e ".[export]")'
         )
     return modules["onnx"], modules["onnxruntime"]
 

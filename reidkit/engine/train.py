@@ -10,13 +10,16 @@ smoothing, the batch-hard triplet loss, Adam, linear warm-up, milestones and cos
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import tomli_w
 import torch
@@ -277,6 +280,7 @@ def _fit(
     progress: bool,
     stop_after: int | None,
 ) -> Path:
+    config = _with_absolute_root(config)
     files = RunFiles(Path(out_dir) if out_dir else default_run_folder(config))
     # A folder holding last.pt but no marker is a run from before runs were marked: it is
     # resumed (its checkpoint is read first) or refused below for already existing.
@@ -297,6 +301,12 @@ def _fit(
     if resume:
         state, config = _resumable_checkpoint(files, config)
         start_epoch, history = state.epoch, list(state.history)
+        if place.is_main:
+            Console().print(
+                f"resumed from epoch {start_epoch} of {config.train.epochs}: {files.checkpoint}",
+                highlight=False,
+                soft_wrap=True,
+            )
     elif files.checkpoint.exists():
         raise ConfigError(
             f"{files.checkpoint} already exists; pass --resume to continue it or --out to start "
@@ -389,6 +399,13 @@ def _fit(
             )
             if config.train.eval_every and (epoch + 1) % config.train.eval_every == 0:
                 row.update(_evaluate_during_training(model, config, device, place))
+                if place.is_main:
+                    Console().print(
+                        f"epoch {epoch + 1}: rank-1 {100 * row['rank1']:.1f}%, mAP "
+                        f"{100 * row['mAP']:.1f}% on the query / gallery of {data.dataset}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             history.append(row)
             if place.is_main and not warned_condition:
                 warned_condition = _warn_if_ill_conditioned(row, config)
@@ -474,6 +491,17 @@ def _check_batches(config: RunConfig, train_set, place: Distributed, epoch: int)
         num_replicas=place.world_size,
         rank=place.rank,
     )
+
+
+def _with_absolute_root(config: RunConfig) -> RunConfig:
+    """`config` with a relative data.root made absolute. The checkpoint keeps the root for
+    `evaluate` and `extract`, which run from other folders: a relative one would name another
+    place there (and send the user to prepare a second copy). Empty (the default root) and
+    `~` roots are kept as written: they mean the same on the machine that reads them."""
+    root = config.data.root
+    if not root or root.startswith("~") or os.path.isabs(root):
+        return config
+    return replace(config, data=replace(config.data, root=os.path.abspath(root)))
 
 
 def _train_one_epoch(
@@ -836,59 +864,146 @@ def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
 
 def plotted_loss_terms(frame: pd.DataFrame) -> list[tuple[str, str]]:
     """(column, legend label) of each loss term curves.png draws: all of L = L_id + L_tri +
-    lambda sum L_DS that the run has, the triplet term only when it was on (never all 0)."""
+    lambda sum L_DS that the run has. The triplet and deep-supervision terms only when they
+    were on: a model without the triplet loss, or without attention modules, records 0."""
     terms = (
         ("loss", "total"),
         ("loss_parts", "identity (L_F / L_id)"),
         ("loss_triplet", "triplet"),
         ("loss_ds", "deep sup."),
     )
+    optional = ("loss_triplet", "loss_ds")
     return [
         (key, label)
         for key, label in terms
-        if key in frame and (key != "loss_triplet" or bool(frame[key].abs().sum() > 0))
+        if key in frame and (key not in optional or bool(frame[key].abs().sum() > 0))
     ]
 
 
-def save_curves(frame: pd.DataFrame, path: Path) -> None:
-    """curves.png: the loss terms per epoch, train accuracy, and rank-1/mAP where evaluated."""
-    import matplotlib
+# One look per attention module's bound: lines that coincide (modules equally conditioned)
+# stay visible as different markers, hollow and of different sizes.
+BOUND_STYLES = (("o", "-", 7), ("s", "--", 5), ("^", ":", 4), ("D", "-.", 4))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def curves_figure(frame: pd.DataFrame):
+    """The figure of curves.png: loss terms, training accuracy, rank-1/mAP where evaluated and
+    CSALR's landmark condition bounds, per epoch (integer ticks), with a dotted line where a
+    training stage begins (RPP's part classifier, then all of RPP) and legends below the axes,
+    off the lines. An infinite bound (a singular landmark matrix) is drawn at a ceiling above
+    every finite one, labelled inf."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     has_eval = "rank1" in frame and frame["rank1"].notna().any()
     bounds = [key for key in frame.columns if key.startswith("cond_bound_stage")]
     panels = 2 + has_eval + bool(bounds)
-    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.6))
+    figure = Figure(figsize=(4.4 * panels, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    epochs = frame["epoch"]
     for key, label in plotted_loss_terms(frame):
-        axes[0].plot(frame["epoch"], frame[key], marker="o", markersize=3, label=label)
+        axes[0].plot(epochs, frame[key], marker="o", markersize=3, label=label)
     axes[0].set(xlabel="epoch", ylabel="loss", title="training loss")
-    axes[0].legend()
-    axes[1].plot(frame["epoch"], frame["train_accuracy"] * 100, marker="o", markersize=3)
+    axes[1].plot(epochs, frame["train_accuracy"] * 100, marker="o", markersize=3)
     axes[1].set(xlabel="epoch", ylabel="%", title="training accuracy")
     if has_eval:
         evaluated = frame[frame["rank1"].notna()]
         axes[2].plot(evaluated["epoch"], evaluated["rank1"] * 100, marker="o", label="rank-1")
         axes[2].plot(evaluated["epoch"], evaluated["mAP"] * 100, marker="o", label="mAP")
         axes[2].set(xlabel="epoch", ylabel="%", title="query / gallery")
-        axes[2].legend()
     if bounds:
-        ax = axes[-1]
-        for key in bounds:
-            ax.plot(frame["epoch"], frame[key], marker="o", markersize=3, label=f"stage {key[-1]}")
-        ax.axhline(CONDITION_WARNING, color="red", linestyle="--", linewidth=1, label="warning")
-        ax.set(xlabel="epoch", ylabel="bound on cond(A_mm)", yscale="log")
-        ax.set_title("CSALR landmark conditioning")
-        ax.legend()
+        _plot_bounds(axes[-1], epochs, frame[bounds])
+    starts = []
+    if "stage" in frame:
+        stages = frame["stage"].tolist()
+        starts = [
+            (epoch, f"{before} \u2192 {stage}")
+            for epoch, stage, before in zip(epochs.tolist()[1:], stages[1:], stages, strict=False)
+            if stage != before
+        ]
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        with atomic_write(path) as temporary:
-            fig.savefig(temporary, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for epoch, change in starts:
+            # between the last epoch of one stage and the first of the next, named along it
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(
+                change,
+                (epoch - 0.5, 1),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -3),
+                textcoords="offset points",
+                rotation=90,
+                ha="left",
+                va="top",
+                fontsize=7,
+                color="dimgrey",
+            )
+        if ax.get_legend_handles_labels()[0]:
+            below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.18), "frameon": False}
+            ax.legend(ncol=2, fontsize=8, **below)
+    return figure
+
+
+def _plot_bounds(ax, epochs: pd.Series, bounds: pd.DataFrame) -> None:
+    """The condition bounds on a log axis; an infinite one drawn at a labelled ceiling."""
+    finite = bounds.to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    highest = max([CONDITION_WARNING, *finite.tolist()])
+    ceiling = 10 ** (math.floor(math.log10(highest)) + 2)  # a decade of room above the rest
+    for (key, values), (marker, line, size) in zip(
+        bounds.items(), itertools.cycle(BOUND_STYLES), strict=False
+    ):
+        shown = values.where(~np.isinf(values), ceiling)  # NaN (no value) stays a gap
+        ax.plot(
+            epochs,
+            shown,
+            marker=marker,
+            linestyle=line,
+            markersize=size,
+            markerfacecolor="none",
+            label=f"stage {key.removeprefix('cond_bound_stage')}",
+        )
+    ax.axhline(CONDITION_WARNING, color="red", linestyle="--", linewidth=1, label="warning")
+    infinite = np.isinf(bounds.to_numpy(dtype=float))
+    if infinite.any():
+        at = infinite.any(axis=1)
+        ax.scatter(epochs[at], [ceiling] * int(at.sum()), marker="^", s=40, color="red", zorder=3)
+        ax.axhline(ceiling, color="black", linewidth=0.8)
+        ax.annotate(
+            "singular landmark matrix",
+            (0, ceiling),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 3),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    ax.set_yscale("log")
+    ax.set_ylim(top=ceiling * 4)
+    if infinite.any():
+        _label_inf_at(ax.yaxis, ceiling)
+    ax.set(xlabel="epoch", ylabel="bound on cond(A_mm)", title="CSALR landmark conditioning")
+
+
+def _label_inf_at(axis, ceiling: float) -> None:
+    """Write `inf` for the tick at the ceiling infinite bounds are drawn at (10^k otherwise)."""
+    from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
+
+    powers = LogFormatterSciNotation()
+    powers.set_axis(axis)
+
+    def label(value: float, pos: int | None) -> str:
+        return "inf" if math.isclose(value, ceiling) else powers(value, pos)
+
+    axis.set_major_formatter(FuncFormatter(label))
+
+
+def save_curves(frame: pd.DataFrame, path: Path) -> None:
+    """curves.png (see `curves_figure`), written by rename."""
+    figure = curves_figure(frame)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
 
 
 def _toml_safe(value):

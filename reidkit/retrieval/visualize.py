@@ -187,56 +187,105 @@ def save_attention_figure(
     errors: Sequence[float] | None = None,
     title: str = "",
 ) -> Path:
-    """The paper's Figure 4 as one PNG: the image with numbered points, then for each point
-    each map (label -> (points, h, w), rows summing to 1) overlaid on the image, all maps of
-    one point on one colour scale so that they compare.
+    """Write `attention_figure` as a PNG, atomically."""
+    figure = attention_figure(image, points, maps, errors=errors, title=title)
+    return _write_png(
+        out_path, lambda temporary, text: figure.savefig(temporary, format="png", metadata=text)
+    )
 
-    `points` are (row, column) cells of the h x w maps; `errors`, one per point, are printed
-    under the last map of each point (CSALR: the reconstruction's distance to the full map).
+
+def attention_figure(
+    image: np.ndarray,
+    points: Sequence[tuple[int, int]],
+    maps: dict[str, np.ndarray],
+    *,
+    errors: Sequence[float] | None = None,
+    title: str = "",
+):
+    """The paper's Figure 4: the image with numbered points, then for each point
+    each map (label -> (points, h, w), rows summing to 1) overlaid on the image.
+
+    The maps of one point share one colour scale, from 0 to their peak weight (written under
+    the first of them), so that they compare; one colour bar reads it as a fraction of the
+    peak. `points` are (row, column) cells of the h x w maps; `errors`, one per point, are
+    written under the last map of each point (CSALR: the reconstruction's distance to the
+    full map).
     """
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     height, width = image.shape[:2]
     labels = list(maps)
     h, w = maps[labels[0]].shape[1:]
     panels = 1 + len(points) * len(labels)
-    figure = Figure(figsize=(1.25 * panels, 1.25 * height / width + 0.6), dpi=110)
+    panel = 1.5  # inches per panel: two lines of 8-point title fit above it
+    figure = Figure(
+        figsize=(panel * panels + 0.9, panel * height / width + 1.4),
+        dpi=110,
+        layout="constrained",
+    )
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, panels, squeeze=False)[0]
     centre = [((r + 0.5) * height / h, (c + 0.5) * width / w) for r, c in points]
 
-    def show(ax, overlay: np.ndarray | None, top: float = 1.0) -> None:
+    def show(ax, overlay: np.ndarray | None):
         ax.imshow(image)
+        shown = None
         if overlay is not None:
             big = np.asarray(
                 Image.fromarray(overlay.astype(np.float32)).resize(
                     (width, height), Image.Resampling.BILINEAR
                 )
             )
-            ax.imshow(big, cmap="jet", alpha=0.55, vmin=0, vmax=top)
+            shown = ax.imshow(big, cmap="jet", alpha=0.55, vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
+        return shown
 
     show(axes[0], None)
-    axes[0].set_title("input", fontsize=8)
+    axes[0].set_title("input", fontsize=9)
+    scale = None
     for i, (y, x) in enumerate(centre):
         colour = POINT_COLOURS[i % len(POINT_COLOURS)]
-        axes[0].scatter([x], [y], s=40, color=colour, edgecolors="white", linewidths=1)
-        axes[0].annotate(str(i + 1), (x, y), xytext=(4, -4), textcoords="offset points",
-                         color="white", fontsize=7, weight="bold")  # fmt: skip
-        top = max(float(maps[label][i].max()) for label in labels) or 1.0  # one scale per point
+        axes[0].scatter([x], [y], s=50, color=colour, edgecolors="white", linewidths=1)
+        # white with a dark outline: readable on light and dark images alike
+        axes[0].annotate(
+            str(i + 1),
+            (x, y),
+            xytext=(5, -4),
+            textcoords="offset points",
+            color="white",
+            fontsize=9,
+            weight="bold",
+            path_effects=outline,
+        )
+        peak = max(float(maps[label][i].max()) for label in labels) or 1.0  # one scale per point
         for j, label in enumerate(labels):
             ax = axes[1 + i * len(labels) + j]
-            show(ax, maps[label][i], top)
-            ax.scatter([x], [y], s=30, color=colour, edgecolors="white", linewidths=1)
-            text = f"{i + 1}: {label}"
+            scale = show(ax, maps[label][i] / peak)
+            ax.scatter([x], [y], s=40, color=colour, edgecolors="white", linewidths=1)
+            ax.set_title(f"{i + 1}: {_wrapped(label)}", fontsize=8, color=colour)
+            notes = [f"peak {peak:.3g}"] if j == 0 else []
             if errors is not None and j == len(labels) - 1:
-                text += f"\nTV to full {errors[i]:.3f}"
-            ax.set_title(text, fontsize=6, color=colour)
+                notes.append(f"TV to full {errors[i]:.2g}")
+            ax.set_xlabel("\n".join(notes), fontsize=8)
+    if scale is not None:
+        bar = figure.colorbar(scale, ax=list(axes), shrink=0.8, aspect=30, pad=0.01)
+        bar.set_label("weight / the point's peak", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if title:
-        figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
-    return _write_png(
-        out_path, lambda temporary, text: figure.savefig(temporary, format="png", metadata=text)
-    )
+        figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def _wrapped(label: str, width: int = 14) -> str:
+    """A map's label on lines of about `width` characters, split at spaces."""
+    lines: list[str] = []
+    for word in label.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)

@@ -323,3 +323,35 @@ def test_loader_on_real_images(cuhk03_subset):
     # real photos: per-channel statistics near ImageNet's after normalisation
     assert -1.5 < float(images.mean()) < 1.5 and 0.3 < float(images.std()) < 2.0
     assert set(camids.tolist()) <= {1, 2} and pids.min() >= 744
+
+
+def test_workers_are_capped_at_the_cores_the_process_may_use(synthetic_frame, monkeypatch, capsys):
+    from reidkit.data import loading
+
+    monkeypatch.setattr(loading, "usable_cores", lambda: 1)
+    monkeypatch.setattr(loading, "_CAPS_SAID", set())
+    for split, train in (("train", True), ("query", False)):
+        loader = build_loader(
+            synthetic_frame, split, DataConfig(workers=8), batch_size=16, train=train
+        )
+        assert loader.num_workers == 1
+    # said once, though two loaders were capped (training builds one per epoch)
+    assert capsys.readouterr().err.splitlines() == [
+        "data.workers = 8 capped at 1: this process may use 1 CPU core"
+    ]
+    for asked in (0, 1):  # at or below the cap: kept, and nothing said
+        loader = build_loader(
+            synthetic_frame, "query", DataConfig(workers=asked), batch_size=16, train=False
+        )
+        assert loader.num_workers == asked
+    assert capsys.readouterr().err == ""
+
+
+def test_usable_cores_reads_the_affinity_mask_where_there_is_one(monkeypatch):
+    from reidkit.data import loading
+
+    monkeypatch.setattr(loading.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: {0, 5}, raising=False)
+    assert loading.usable_cores() == 2  # taskset / a container's CPU set, not the machine's 64
+    monkeypatch.delattr(loading.os, "sched_getaffinity")
+    assert loading.usable_cores() == 64

@@ -354,15 +354,26 @@ def test_name_must_be_a_plain_folder_name(tmp_path, name):
 SMALL = SyntheticSpec(train_ids=3, test_ids=2, cameras=2, images_per_camera=2, distractors=1)
 
 
-def test_synthetic_rerun_reuses_and_a_new_seed_regenerates(tmp_path):
+def test_synthetic_rerun_reuses_and_another_spec_is_refused_naming_the_options(tmp_path):
     first = prepare("synthetic", tmp_path, synthetic=SMALL)
-    image = next((tmp_path / "synthetic" / "bounding_box_train").iterdir())
-    before = image.read_bytes()
-    assert prepare("synthetic", tmp_path, synthetic=SMALL).reused
-    other = prepare("synthetic", tmp_path, synthetic=replace(SMALL, seed=3))
-    assert not other.reused and other.verified and first.verified
-    assert image.read_bytes() != before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # nothing left over
+    folder = tmp_path / "synthetic"
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    again = prepare("synthetic", tmp_path, synthetic=SMALL)
+    assert again.reused and again.verified and first.verified
+    # runs trained on it would go stale: a different spec does not regenerate it
+    with pytest.raises(DatasetError) as err:
+        prepare("synthetic", tmp_path, synthetic=replace(SMALL, seed=3, images_per_camera=3))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{folder} holds a synthetic dataset generated with images_per_camera 2 --seed 0, not "
+        "images_per_camera 3 --seed 3; repeat its options to re-verify it, or pass another --name"
+    )
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    # a fresh one under another name
+    other = prepare("synthetic", tmp_path, name="seed3", synthetic=replace(SMALL, seed=3))
+    assert not other.reused and other.verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed3", "synthetic"]  # no leftovers
 
 
 def test_synthetic_never_replaces_a_folder_it_did_not_make(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from reidkit.data.loading import build_transform, manifest_path, read_manifest
-from reidkit.engine.attention_maps import attention_maps
+from reidkit.engine.attention_maps import QueryPoint, attention_maps
 from reidkit.engine.checkpoint import load_model
 from reidkit.engine.train import fit
 from reidkit.errors import ConfigError, DatasetError
@@ -112,11 +112,38 @@ def test_figure_is_a_png_with_a_panel_per_point_and_map(tiny_checkpoint, image, 
         ({"stage": 4}, r"stages \[1, 2, 3\], not 4"),
         ({"group": 5}, "groups; give --group 0-1"),
         ({"points": [(500.0, 3.0)]}, "outside the 96x32 input"),
+        # the fix names the limits and the form that fits any input size
+        ({"points": [(96.0, 3.0)]}, "give y below 96 and x below 32 .*, e.g. 50%,50%$"),
+        ({"points": [QueryPoint(100, 50, "%")]}, "point 100%,50% lies outside"),
     ],
 )
 def test_bad_options_are_one_line(tiny_checkpoint, image, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         attention_maps(tiny_checkpoint, image, **kwargs)
+
+
+def test_percent_points_land_on_the_same_cell_as_their_pixels(tiny_checkpoint, image):
+    # 96x32 input: 25% of the height is pixel row 24, 75% of the width pixel column 24
+    by_percent = attention_maps(tiny_checkpoint, image, points=[QueryPoint(25, 75, "%")])
+    by_pixels = attention_maps(tiny_checkpoint, image, points=[(24.0, 24.0)])
+    assert by_percent.points == by_pixels.points == ((6, 6),)  # on stage 1's 24x8 map
+    np.testing.assert_array_equal(
+        by_percent.maps["full softmax(QK^T)"], by_pixels.maps["full softmax(QK^T)"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "point"),
+    [("60,32", QueryPoint(60, 32)), (" 30% , 50%", QueryPoint(30, 50, "%"))],
+)
+def test_query_points_parse_pixels_and_percent(text, point):
+    assert QueryPoint.parse(text) == point
+
+
+@pytest.mark.parametrize("text", ["60", "60,32,1", "30%,50", "a,b", "30%%,5%"])
+def test_malformed_query_points_are_refused_with_both_forms(text):
+    with pytest.raises(ValueError, match=r"y,x in pixels .* \(e.g. 30%,50%\)"):
+        QueryPoint.parse(text)
 
 
 def test_a_missing_image_is_named(tiny_checkpoint, tmp_path):

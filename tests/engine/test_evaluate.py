@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from reidkit.cli import app
+from reidkit.config import PaperRow, apply_overrides, load_preset
 from reidkit.data.loading import build_loader, manifest_path, read_manifest
 from reidkit.data.prepare import prepare_dataset
-from reidkit.engine.checkpoint import load_model
-from reidkit.engine.evaluate import evaluate_model, run_evaluation
+from reidkit.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
+from reidkit.engine.evaluate import Reference, paper_reference, run_evaluation
 from reidkit.engine.extract import extract_features
 from reidkit.engine.search import build_gallery_index, folder_images, search_index
 from reidkit.errors import DatasetError, IndexFolderError
@@ -88,24 +93,157 @@ def test_evaluation_scores_the_ranking_of_the_extracted_features(
     assert official.metrics.mAP <= report.metrics.mAP + 1e-9  # the trapezoid never reads higher
 
 
-def test_paper_row_is_found_for_a_paper_dataset_under_its_short_name(
+def test_synthetic_images_under_a_benchmarks_name_get_no_paper_row(
     tiny_checkpoint, tiny_spec, tmp_path: Path
 ):
-    model, state = load_model(tiny_checkpoint)
-    # the tiny synthetic images prepared under Market-1501's folder name
-    prepare_dataset("synthetic", tmp_path, name="market1501", synthetic=tiny_spec, progress=False)
-    from dataclasses import replace
-
-    from reidkit.config import PaperRow
-
+    # the issue's case: a 2-epoch ResNet-18 96x32 run of a paper preset on a set named cuhk03-np
+    state = load_checkpoint(tiny_checkpoint)
+    prepare_dataset("synthetic", tmp_path, name="cuhk03-np", synthetic=tiny_spec, progress=False)
     config = replace(
         state.config,
-        data=replace(state.config.data, root=str(tmp_path)),
-        paper={"market1501": PaperRow(93.9, 97.8, 98.6, 82.4)},
+        name="pcb-csalr",
+        data=replace(state.config.data, root=str(tmp_path), dataset="cuhk03-np"),
+        paper=load_preset("pcb-csalr").paper,
     )
-    report = evaluate_model(model, config, dataset="market", progress=False)
-    assert report.dataset == "market1501"
-    assert report.paper == PaperRow(93.9, 97.8, 98.6, 82.4)
+    checkpoint = tmp_path / "last.pt"
+    save_checkpoint(checkpoint, replace(state, config=config))
+    results = tmp_path / "results.json"
+    printed = CliRunner().invoke(
+        app, ["evaluate", str(checkpoint), "--json", str(results)], env={"COLUMNS": None}
+    )
+    assert printed.exit_code == 0, printed.output
+    assert "67.6" not in printed.stdout and "paper" not in printed.stdout  # no Table 1 row
+    note = "cuhk03-np is a synthetic dataset, not an official benchmark"
+    assert f"no reference row: {note}" in printed.stdout.splitlines()
+    saved = json.loads(results.read_text())
+    assert saved["dataset"] == "cuhk03-np"
+    assert saved["paper"] is None and saved["paper_note"] == note
+
+
+PCB_CSALR = load_preset("pcb-csalr")
+
+
+def prepared(folder: Path, **record) -> Path:
+    """A dataset folder with the dataset.json `prepare` would have written (no images needed:
+    the reference reads only the record)."""
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_the_presets_own_run_on_a_verified_official_dataset_gets_its_row(tmp_path: Path):
+    market = prepared(tmp_path / "market1501", dataset="market1501", variant=None, verified=True)
+    reference = paper_reference(PCB_CSALR, market, epoch=100)
+    assert reference == Reference(PaperRow(93.9, 97.8, 98.6, 82.4))
+    # tuning what the publication does not fix keeps the row (batch, rate, workers)
+    tuned = apply_overrides(PCB_CSALR, ["train.batch_size=32", "train.lr=0.05"])
+    assert paper_reference(tuned, market, epoch=100).row == reference.row
+    # CUHK03-NP: the detected boxes are the paper's, under their own folder name
+    cuhk = prepared(tmp_path / "cuhk", dataset="cuhk03-np", variant="detected", verified=True)
+    on_cuhk = apply_overrides(PCB_CSALR, ["data.dataset=cuhk"])
+    assert paper_reference(on_cuhk, cuhk).row == PaperRow(67.6, 82.4, 88.4, 64.0)
+
+
+@pytest.mark.parametrize(
+    ("record", "overrides", "options", "note"),
+    [
+        (
+            {"dataset": "custom", "verified": False},
+            (),
+            {},
+            "market1501 is a custom dataset, not an official benchmark",
+        ),
+        (None, (), {}, "market1501 is not prepared by reidkit, not an official benchmark"),
+        (
+            {"dataset": "market1501", "verified": False},  # --allow-mismatch
+            (),
+            {},
+            "market1501's counts were not verified against the published ones",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            (
+                "model.arch=resnet18",
+                "data.height=96",
+                "data.width=32",
+                "attention.grid=3,2",
+                "train.epochs=2",
+            ),  # fmt: skip
+            {},
+            "the run differs from preset pcb-csalr: model.arch resnet18 (preset resnet50), "
+            "attention.grid 3,2 (preset 12,8), data.height 96 (preset 384), data.width 32 "
+            "(preset 128), train.epochs 2 (preset 100)",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            ("model.pretrained=false", "attention.kind=none"),
+            {},
+            "the run differs from preset pcb-csalr: model.pretrained false (preset true), "
+            "attention.kind none (preset csalr)",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            ("attention.grid=6,4",),  # Table 2's 24 landmarks, not Table 1's 96
+            {},
+            "the run differs from preset pcb-csalr: attention.grid 6,4 (preset 12,8)",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            (),
+            {"epoch": 40},
+            "the checkpoint has trained 40 of its 100 epochs",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            (),
+            {"rerank": True},
+            "re-ranked: the published rows are without re-ranking",
+        ),
+        (
+            {"dataset": "market1501", "verified": True},
+            ("data.dataset=duke",),
+            {},
+            "trained on dukemtmc-reid, evaluated on market1501: the published rows train and "
+            "test on one dataset",
+        ),
+    ],
+    ids=[
+        "custom",
+        "no-record",
+        "unverified",
+        "arch-input-epochs",
+        "init-attention",
+        "ablation",
+        "unfinished",
+        "reranked",
+        "cross-domain",
+    ],  # fmt: skip
+)
+def test_no_reference_row_says_why(tmp_path: Path, record, overrides, options, note):
+    folder = tmp_path / "market1501"
+    if record is None:
+        folder.mkdir()
+    else:
+        prepared(folder, **record)
+    config = apply_overrides(PCB_CSALR, list(overrides))
+    assert paper_reference(config, folder, **options) == Reference(None, note)
+
+
+def test_a_preset_without_a_row_or_not_shipped_says_so(tmp_path: Path):
+    labeled = prepared(
+        tmp_path / "cuhk03-np-labeled", dataset="cuhk03-np", variant="labeled", verified=True
+    )
+    config = apply_overrides(PCB_CSALR, ["data.dataset=cuhk03-np-labeled"])
+    assert paper_reference(config, labeled).note == (
+        "preset pcb-csalr has no published row for cuhk03-np-labeled"
+    )
+    market = prepared(tmp_path / "market1501", dataset="market1501", verified=True)
+    assert paper_reference(replace(PCB_CSALR, name="mine"), market).note == (
+        "mine is not a shipped preset, so its settings cannot be checked"
+    )
+    assert paper_reference(load_preset("smoke"), market).note == (
+        "preset smoke has no published numbers"
+    )
 
 
 def test_gallery_index_search_agrees_with_the_distance_ranking(

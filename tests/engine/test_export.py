@@ -186,7 +186,10 @@ def test_paper_weight_model_without_images_says_what_to_give(checkpoints, tmp_pa
         export_onnx(lost, tmp_path / "model.onnx")
 
 
-def test_missing_onnx_names_the_extra(checkpoints, tmp_path, monkeypatch):
+def test_missing_onnx_names_the_packages_for_this_interpreter(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
-    with pytest.raises(ExportMissingError, match=r"pip install 'reidkit\[export\]'"):
+    with pytest.raises(ExportMissingError) as err:
         export_onnx(checkpoints["pcb"], tmp_path / "model.onnx")
+    # `pip install 'reidkit[export]'` would fetch another project's reidkit from the index
+    assert f"{sys.executable} -m pip install onnx onnxscript onnxruntime" in str(err.value)
+    assert "'reidkit[export]'" not in str(err.value)

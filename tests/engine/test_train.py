@@ -301,11 +301,18 @@ def test_two_process_gloo_run_through_torchrun(tiny_overrides, tmp_path: Path):
     assert [name for name in one if not torch.equal(one[name], state.model[name])] == []
 
 
-def test_evaluation_during_training_is_recorded_per_evaluated_epoch(tiny_config, tmp_path: Path):
+def test_evaluation_during_training_is_recorded_per_evaluated_epoch(
+    tiny_config, tmp_path: Path, capsys
+):
     config = tiny_config("train.epochs=2", "train.eval_every=2")
     checkpoint = fit(config, tmp_path / "run", progress=False)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert metrics["rank1"].isna().tolist() == [True, False]
+    # and said as it happens, not only in metrics.csv
+    rank1, mean_ap = 100 * metrics["rank1"].iloc[1], 100 * metrics["mAP"].iloc[1]
+    assert capsys.readouterr().out.splitlines() == [
+        f"epoch 2: rank-1 {rank1:.1f}%, mAP {mean_ap:.1f}% on the query / gallery of tiny"
+    ]
     # the recorded numbers are what `reidkit evaluate` gives for epoch 2's weights
     model, state = load_model(checkpoint)
     assert state.epoch == 2

@@ -151,12 +151,20 @@ def first_run(tiny_overrides, run: Path, *extra: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_bare_resume_extends_a_run_with_its_own_settings(tiny_overrides, tmp_path: Path):
+def test_bare_resume_extends_a_run_with_its_own_settings(
+    tiny_overrides, tiny_root: Path, tmp_path: Path, monkeypatch
+):
     run = tmp_path / "run"
-    first_run(tiny_overrides, run, "train.epochs=1", "train.lr=0.02")
-    # none of the first run's --set repeated: they come from the checkpoint
+    # a data root given relative to the folder the run was started from
+    monkeypatch.chdir(tiny_root.parent)
+    first_run(tiny_overrides, run, "train.epochs=1", "train.lr=0.02", f"data.root={tiny_root.name}")
+    assert load_checkpoint(run / "last.pt").config.data.root == str(tiny_root)  # stored absolute
+    # none of the first run's --set repeated: they come from the checkpoint, whose data root
+    # still names the dataset from another working folder
+    monkeypatch.chdir(tmp_path)
     result = invoke("train", "--out", run, "--resume", "--set", "train.epochs=2")
     assert result.exit_code == 0, result.output
+    assert "resumed from epoch 1 of 2" in result.stdout
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
     assert list(metrics["lr"]) == [0.02, 0.02]  # the run's own rate, not the preset's

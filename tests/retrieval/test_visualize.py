@@ -142,3 +142,30 @@ def test_oversized_image_is_named_not_a_traceback(tmp_path, images, monkeypatch)
     ):
         save_ranked_montage(images[0], images[1:2], tmp_path / "m.png")
     assert not (tmp_path / "m.png").exists()
+
+
+def test_the_attention_figure_reads_at_its_size():
+    from reidkit.retrieval.visualize import attention_figure
+
+    image = np.full((96, 32, 3), 128, np.uint8)  # a 3:1 pedestrian crop
+    rng = np.random.default_rng(0)
+    maps = {}
+    for label in ("full softmax(QK^T)", "CSALR A_nm A_mm^-1 B"):
+        weights = rng.random((2, 24, 8))
+        maps[label] = weights / weights.sum(axis=(1, 2), keepdims=True)
+    figure = attention_figure(image, [(3, 2), (20, 5)], maps, errors=[0.01234, 0.5], title="t")
+    figure.canvas.draw()
+    image_axes = [ax for ax in figure.axes if ax.images]
+    assert len(image_axes) == 1 + 2 * 2
+    # titles at least 8 points (they were 6), the numbers under the maps too
+    assert min(ax.title.get_fontsize() for ax in image_axes) >= 8
+    assert image_axes[2].get_xlabel() == "TV to full 0.012"
+    assert image_axes[1].get_xlabel() == f"peak {max(m[0].max() for m in maps.values()):.3g}"
+    # one colour bar says what the colours mean
+    (bar,) = [ax for ax in figure.axes if ax.get_ylabel() == "weight / the point's peak"]
+    assert bar not in image_axes
+    # the panels fill the figure's height: no empty band under them (it was a third)
+    height = figure.bbox.height
+    for ax in image_axes:
+        box = ax.get_window_extent()
+        assert box.height > 0.7 * height and box.y0 < 0.12 * height
