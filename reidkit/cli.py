@@ -572,11 +572,17 @@ def extract(
     collection: Collection = None,
     meta: Annotated[
         Path | None,
-        typer.Option(help="CSV of path and any of pid, camid, frame, timestamp, for each image"),
+        typer.Option(
+            help="CSV of path and any of pid, camid, frame, timestamp, for each image",
+            metavar="FILE",
+        ),
     ] = None,
     shards: Annotated[
         Path | None,
-        typer.Option(help="folder of the feature shards (default: OUT.shards beside the output)"),
+        typer.Option(
+            help="folder of the feature shards (default: OUT.shards beside the output)",
+            metavar="FOLDER",
+        ),
     ] = None,
 ) -> None:
     """Embed a dataset split or an image folder into a gallery: a FAISS folder or Milvus."""

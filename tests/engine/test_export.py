@@ -41,16 +41,22 @@ def real_images(tmp_path_factory) -> Path:
 def trained(tiny_config, tmp_path_factory, name: str, *overrides: str) -> Path:
     """One epoch on the tiny set, then attention made to matter: alpha 0.5.
 
-    (Its attention is already sharp on real crops: a landmark's weight on itself falls to
-    about 1e-5, where the paper's c = 1 needs 24 Newton-Schulz steps.)
+    With the paper's c = 1 the query and key convolutions are also scaled by 1/4 (logits 1/16):
+    after one epoch the attention on real crops is already so sharp that a landmark's weight
+    on itself lands anywhere from 1e-5 (24 Newton-Schulz steps) to 1e-11 (refused, past 40)
+    depending on the machine's float reductions, and this test is about an exact export of
+    a model that has one, not about where one epoch happens to land.
     """
     out = tmp_path_factory.mktemp(name) / "run"
     path = fit(tiny_config("train.epochs=1", *overrides), out, progress=False)
     state = load_checkpoint(path)
     weights = dict(state.model)
+    paper_weight = "attention.landmark_weight=1" in overrides
     for key in list(weights):
         if key.endswith(".alpha"):
             weights[key] = torch.tensor(0.5)
+        if paper_weight and key.endswith(("query.weight", "query.bias", "key.weight", "key.bias")):
+            weights[key] = weights[key] / 4
     save_checkpoint(path, replace(state, model=weights))
     return path
 
