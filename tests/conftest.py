@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from reidkit.config import RunConfig, load_preset
 from reidkit.data.prepare import prepare_dataset
 from reidkit.data.synthetic import SyntheticSpec
+
+# The suite runs as two pytest-xdist workers (pyproject's addopts): one thread each, in this
+# process and in the commands it starts, so two workers on two cores do not fight over them.
+# Tiny models gain nothing from a second thread anyway.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+# Rich sizes its tables from these; a terminal's own values would change what tests read.
+for variable in ("COLUMNS", "LINES"):
+    os.environ.pop(variable, None)
 
 # 8 training identities x 2 cameras x 3 images = 48 training images of 64x32 pixels; 4 test
 # identities. Small enough that a ResNet-18 epoch at 96x32 takes well under a second.

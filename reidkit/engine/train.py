@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -356,6 +356,7 @@ def _fit(
     )
     completed = start_epoch  # epochs that last.pt holds
     epoch = start_epoch
+    curves = CurvesPNG(files.curves, drawn_epochs=start_epoch)
     try:
         for epoch in range(start_epoch, end_epoch):
             # Every random draw of an epoch (dropout, augmentation without workers, an RPP part
@@ -429,12 +430,19 @@ def _fit(
                 )
                 completed = epoch + 1
                 _write_metrics(files, history)
+                curves.refresh(history)
             if place.world_size > 1:
                 dist.barrier()
-    except KeyboardInterrupt:
+    except BaseException as err:
         if place.is_main:
-            raise _interrupted(files, completed, epoch) from None
+            # The picture should show what last.pt keeps; the error in flight is the news.
+            with suppress(Exception):
+                curves.draw(history[:completed])
+            if isinstance(err, KeyboardInterrupt):
+                raise _interrupted(files, completed, epoch) from None
         raise
+    if place.is_main:
+        curves.draw(history)
     return files.checkpoint
 
 
@@ -859,7 +867,31 @@ def _write_metrics(files: RunFiles, history: list[dict[str, float]]) -> None:
     frame = pd.DataFrame(history)
     with atomic_write(files.metrics) as temporary:
         frame.to_csv(temporary, index=False)
-    save_curves(frame, files.curves)
+
+
+# Drawing curves.png costs about a second of CPU (matplotlib's constrained layout): nothing
+# beside a real epoch, but most of an epoch of a small run. So it is drawn after the first
+# epoch, then at most this often, and once more when the run stops for any reason.
+CURVES_EVERY_SECONDS = 30.0
+
+
+class CurvesPNG:
+    """curves.png of a run, redrawn at most every CURVES_EVERY_SECONDS while it trains."""
+
+    def __init__(self, path: Path, drawn_epochs: int) -> None:
+        self.path = path
+        self.drawn_epochs = drawn_epochs  # rows the file on disk shows
+        self.drawn_at = -math.inf
+
+    def refresh(self, history: list[dict[str, float]]) -> None:
+        """Redraw if this is the first epoch drawn here or the file is half a minute old."""
+        if time.monotonic() - self.drawn_at >= CURVES_EVERY_SECONDS:
+            self.draw(history)
+
+    def draw(self, history: list[dict[str, float]]) -> None:
+        if history and len(history) != self.drawn_epochs:
+            save_curves(pd.DataFrame(history), self.path)
+            self.drawn_epochs, self.drawn_at = len(history), time.monotonic()
 
 
 def plotted_loss_terms(frame: pd.DataFrame) -> list[tuple[str, str]]:

@@ -88,6 +88,23 @@ def checkpoints(tiny_config, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoints, real_images, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """Each model exported once (an export costs ~20 CPU-seconds): (model.onnx, report).
+
+    The demo's CSALR (c = 2) is checked on the checkpoint's own query images, as `reidkit
+    export` does by default; the others on the real crops.
+    """
+    if not SUBSET.is_dir():
+        pytest.skip(f"no shared images at {SUBSET}")
+    result = {}
+    for name, checkpoint in checkpoints.items():
+        out = tmp_path_factory.mktemp(f"onnx-{name}") / "model.onnx"
+        images = None if name == "pcb-csalr-c2" else real_images
+        result[name] = (out, export_onnx(checkpoint, out, check_images=images))
+    return result
+
+
 def onnx_features(path: Path, images: torch.Tensor) -> np.ndarray:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images.numpy()})[0]
@@ -112,10 +129,9 @@ def batches_of(folder_or_rows, config, batch_size: int = 24) -> torch.Tensor:
 @needs_subset
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnxruntime_features_match_pytorch_on_real_images(
-    name, checkpoints, real_images, tmp_path
+    name, checkpoints, exported, real_images
 ):
-    out = tmp_path / "model.onnx"
-    report = export_onnx(checkpoints[name], out, check_images=real_images)
+    out, report = exported[name]
     assert out.is_file() and report.path == out
     config = load_checkpoint(checkpoints[name]).config
     images = batches_of(real_images, config)  # 24 real crops at the model's input size
@@ -134,9 +150,8 @@ def test_onnxruntime_features_match_pytorch_on_real_images(
 
 
 @needs_subset
-def test_batch_size_is_dynamic_and_metadata_describes_the_input(checkpoints, real_images, tmp_path):
-    out = tmp_path / "model.onnx"
-    report = export_onnx(checkpoints["pcb-csalr-c2"], out, check_images=real_images)
+def test_batch_size_is_dynamic_and_metadata_describes_the_input(checkpoints, exported, real_images):
+    out, report = exported["pcb-csalr-c2"]
     config = load_checkpoint(checkpoints["pcb-csalr-c2"]).config
     images = batches_of(real_images, config)
     for n in (1, 7):
@@ -150,11 +165,11 @@ def test_batch_size_is_dynamic_and_metadata_describes_the_input(checkpoints, rea
     assert report.solve_steps == 5
 
 
-def test_gallery_top10_rankings_are_identical(checkpoints, tiny_root, tmp_path):
+@needs_subset
+def test_gallery_top10_rankings_are_identical(checkpoints, exported, tiny_root):
     # The demo's setting: smoke's CSALR with c = 2, on the synthetic gallery.
     checkpoint = checkpoints["pcb-csalr-c2"]
-    out = tmp_path / "model.onnx"
-    report = export_onnx(checkpoint, out)  # checked on the checkpoint's own query images
+    out, report = exported["pcb-csalr-c2"]  # checked on the checkpoint's own query images
     assert report.checked_images > 0 and report.min_cosine >= MIN_COSINE
     assert report.solve_steps == 5 and report.min_self_weight is None  # c = 2: any input
     config = load_checkpoint(checkpoint).config

@@ -41,6 +41,35 @@ def test_loss_falls_on_a_tiny_synthetic_run(tiny_config, tmp_path: Path):
     assert load_checkpoint(checkpoint).epoch == 6
 
 
+def test_curves_png_is_drawn_after_the_first_epoch_then_when_the_run_stops(
+    tiny_config, tmp_path: Path, monkeypatch
+):
+    drawn: list[list[int]] = []
+    real_save, real_epoch = train_module.save_curves, train_module._train_one_epoch
+
+    def recorded(frame, path):
+        drawn.append(list(frame["epoch"]))
+        real_save(frame, path)
+
+    def stopped_in_epoch_3(*args, epoch, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_curves", recorded)
+    monkeypatch.setattr(train_module, "_train_one_epoch", stopped_in_epoch_3)
+    config, run = tiny_config("train.epochs=3"), tmp_path / "run"
+    with pytest.raises(train_module.Interrupted):
+        fit(config, run, progress=False)
+    # epoch 1 at once; epoch 2 within half a minute of it is not redrawn until the stop,
+    # when the picture catches up with what last.pt keeps
+    assert drawn == [[1], [1, 2]]
+    monkeypatch.setattr(train_module, "_train_one_epoch", real_epoch)
+    fit(config, run, progress=False, resume=True)
+    assert drawn == [[1], [1, 2], [1, 2, 3]]  # the finished run's picture shows every epoch
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 def learned_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(checkpoint).model
 

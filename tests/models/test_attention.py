@@ -229,7 +229,12 @@ FULL_CASES = [(full_attention, (96, 32), 1)] + [
 ]
 
 
-@pytest.mark.parametrize(("core", "hw", "groups"), FULL_CASES, ids=str)
+def case_id(value) -> str:
+    """A case's name by the core's name, not its address (xdist's workers must agree)."""
+    return getattr(value, "__name__", str(value))
+
+
+@pytest.mark.parametrize(("core", "hw", "groups"), FULL_CASES, ids=case_id)
 def test_full_attention_matches_reference_float64_values_and_grads(core, hw, groups):
     # full_attention zero-pads q and k from d=2 to e=3 channels for the CPU flash kernel: the
     # padding must not change a single logit.
