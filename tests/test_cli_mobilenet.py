@@ -85,6 +85,11 @@ def test_train_writes_epoch_rows_with_cpu_time_gates_and_minp(runs, mobilenet_we
         state = load_checkpoint(folder / "last.pt")
         assert state.config.model.arch == "mobilenet_v2"
         assert state.config.model.weights == str(mobilenet_weights)
+        # the run started from the ImageNet file: one epoch later its trunk is still that one
+        shared = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+        for key in ("features.0.0.weight", "features.17.conv.6.weight"):
+            trained, imagenet = state.model[f"trunk.{key}"].flatten(), shared[key].flatten()
+            assert torch.nn.functional.cosine_similarity(trained, imagenet, dim=0) > 0.95, key
     # the gate starts at 0 and moved in the epoch: its mean over the steps is not 0
     csalr = pd.read_csv(runs["pcb-csalr"] / "metrics.csv")
     assert (csalr[["alpha_stage1", "alpha_stage2", "alpha_stage3"]].abs() > 0).all(axis=None)
