@@ -108,9 +108,8 @@ Deliberate breakages tried, one at a time, each reverted (the test that failed):
       test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
   - MobileNetV2 last_stride ignored (features.14 kept at stride 2):
       test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
-  - MobileNetV2 stage split moved (stage 3 ending at features.12):
-      test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net,
-      tests/models/test_mobilenet.py
+  - MobileNetV2 stage split moved (stage 3 ending at features.12: the same widths and map
+      sizes, so only the values tell): tests/models/test_mobilenet.py
   - torchvision's key mapping dropped: tests/models/test_mobilenet.py
   - flip probability ignored (0.5):
       test_fit_training_images_are_flipped_and_erased_as_configured
