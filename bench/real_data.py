@@ -462,9 +462,18 @@ def train_finetune(args: argparse.Namespace, *, fit=None) -> Path:
     resume = (run / "last.pt").is_file()
     if resume:
         print(f"resuming {run / 'last.pt'}")
-    fit(config, run, resume=resume, progress=sys.stderr.isatty())
-    rows = finetune_rows(pd.read_csv(run / "metrics.csv"), label, args.seed)
+    from reidkit.errors import ReidkitError
+
     csv = args.finetune_results / f"{label}-seed{args.seed}.csv"
+    try:
+        fit(config, run, resume=resume, progress=sys.stderr.isatty())
+    except ReidkitError as err:  # diverged or refused: the epochs completed are a result too
+        if (run / "metrics.csv").is_file():
+            frame = finetune_rows(pd.read_csv(run / "metrics.csv"), label, args.seed)
+            write_atomic(csv, frame.to_csv(index=False))
+            print(f"rows of the completed epochs: {csv}")
+        raise SystemExit(f"error: {err}") from None
+    rows = finetune_rows(pd.read_csv(run / "metrics.csv"), label, args.seed)
     write_atomic(csv, rows.to_csv(index=False))
     last = rows.iloc[-1]
     print(

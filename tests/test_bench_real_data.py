@@ -272,3 +272,23 @@ def test_plot_finetune_refuses_a_csv_it_did_not_write_and_an_empty_folder(real_d
     with pytest.raises(SystemExit, match="mine.csv is not a fine-tune results file"):
         real_data.plot_finetune(tmp_path, tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_finetune_run_that_stops_keeps_its_completed_epochs_and_says_why(
+    real_data, tiny_root, tmp_path, monkeypatch
+):
+    from reidkit.engine import train as train_module
+    from reidkit.engine.train import TrainingDiverged
+
+    def diverging_fit(config, out, *, resume, progress):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        fake_metrics(3, attention=False).to_csv(Path(out) / "metrics.csv")
+        raise TrainingDiverged("the loss became nan at epoch 4, step 7; last.pt keeps epoch 3")
+
+    monkeypatch.setattr(train_module, "fit", diverging_fit)
+    argv = ["--recipe", "mobilenet-bot", "--random-start", "--subset", tiny_root / "tiny"]
+    argv += ["--out", tmp_path / "out", "--finetune-results", tmp_path / "results"]
+    with pytest.raises(SystemExit, match="error: the loss became nan at epoch 4"):
+        real_data.main([str(a) for a in argv])
+    frame = pd.read_csv(tmp_path / "results" / "mobilenet-bot-random-seed0.csv")
+    assert list(frame["epoch"]) == [1, 2, 3] and set(frame["recipe"]) == {"mobilenet-bot-random"}
