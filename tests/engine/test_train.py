@@ -355,12 +355,10 @@ def test_epoch_rows_hold_each_gates_mean_over_the_steps_and_the_epochs_cpu_time(
 
 
 def test_cpu_seconds_count_this_process_and_its_finished_children_not_waiting():
-    start = train_module._cpu_seconds()
-    deadline = time.perf_counter() + 0.3
-    while time.perf_counter() < deadline:
-        pass  # 0.3 s of this process's CPU
-    busy = train_module._cpu_seconds() - start
-    assert busy >= 0.2
+    start, burnt = train_module._cpu_seconds(), time.process_time()
+    while time.process_time() - burnt < 0.3:
+        pass  # 0.3 s of this process's CPU, however long other work keeps the cores
+    assert train_module._cpu_seconds() - start >= 0.3
     start = train_module._cpu_seconds()
     time.sleep(0.3)
     assert train_module._cpu_seconds() - start < 0.1  # waiting costs no CPU
