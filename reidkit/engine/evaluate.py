@@ -218,6 +218,8 @@ def paper_reference(
     row = config.paper.get(key)
     if row is None:
         return Reference(None, f"preset {name} has no published row for {key}")
+    if row.recipe:
+        return Reference(None, anchor_note(name, key, row))
     presets = available_presets()
     if name not in presets:
         return Reference(None, f"{name} is not a shipped preset, so its settings cannot be checked")
@@ -236,6 +238,20 @@ def paper_reference(
             None, f"the checkpoint has trained {epoch} of its {config.train.epochs} epochs"
         )
     return Reference(row)
+
+
+def anchor_note(preset: str, dataset: str, row: PaperRow) -> str:
+    """Why a row measured with another recipe (PaperRow.recipe) is not printed beside a run,
+    with its numbers, so that the run can still be read against it."""
+    return (
+        f"preset {preset}'s {dataset} row ({row.source or 'published'}: R1 {row.rank1:g} / mAP "
+        f"{row.mAP:g}) was measured with another recipe ({row.recipe}): an anchor to read the "
+        "run against, not the same measurement"
+    )
+
+
+def _same_recipe(row: PaperRow | None) -> PaperRow | None:
+    return None if row is None or row.recipe else row
 
 
 def _dataset_record(folder: Path) -> dict:
@@ -456,7 +472,8 @@ def evaluate_gallery(
         feature=evaluation.feature,
         flip=flip,
         rerank=False,
-        paper=config.paper.get(dataset_folder(name)),
+        # a row measured with another recipe is an anchor, never printed as this run's row
+        paper=_same_recipe(config.paper.get(dataset_folder(name))),
         seconds=seconds,
         camera_rule=has_camera_ids(data_root(config.data.root) / name),
         chance_rank1=chance_rank1(*ids, ap_mode=ap_mode),

@@ -532,8 +532,14 @@ def _train_one_epoch(
     correct = seen = 0
     margins: dict[int, torch.Tensor] = {}  # stage -> smallest landmark margin this epoch
     net = model.module if isinstance(model, DistributedDataParallel) else model
+    gates = {
+        int(stage): module.alpha
+        for stage, module in net.attention.items()
+        if isinstance(getattr(module, "alpha", None), torch.Tensor)
+    }
+    gate_sums = dict.fromkeys(gates, 0.0)  # stage -> sum over steps of alpha after the step
     steps = len(loader)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     channels_last = config.train.channels_last and device.type == "cuda"
     with _epoch_progress(progress, epoch, config.train.epochs, stage, steps) as advance:
         for step, (images, labels, _camids, _indices) in enumerate(loader):
@@ -574,6 +580,8 @@ def _train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            for gate_stage, alpha in gates.items():
+                gate_sums[gate_stage] += float(alpha.detach())
             batch = labels.numel()
             for key in sums:
                 sums[key] += losses[key].item() * batch
@@ -584,6 +592,8 @@ def _train_one_epoch(
             # the running epoch mean, what metrics.csv stores for the epoch (this process's share)
             advance(loss=sums["loss"] / seen, images_per_second=seen * place.world_size / elapsed)
     seconds = time.perf_counter() - start
+    # After the loop: a loader's workers are joined when it is exhausted, so theirs count too.
+    cpu_seconds = _cpu_seconds() - cpu_start
     totals = torch.tensor([*sums.values(), correct, seen], dtype=torch.float64, device=device)
     stages = sorted(margins)
     worst = torch.stack([margins[s] for s in stages]).double() if stages else None
@@ -600,9 +610,12 @@ def _train_one_epoch(
             "train_accuracy": correct_total / seen_total,
             "images_per_second": seen_total / seconds,
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "peak_memory_mib": _peak_memory_mib(device),
         }
     )
+    for gate_stage in sorted(gates):  # the gate of eq. 2 / 17, mean over the epoch's steps
+        row[f"alpha_stage{gate_stage}"] = gate_sums[gate_stage] / max(steps, 1)
     if worst is not None:
         c = config.attention.landmark_weight
         for stage_number, margin in zip(stages, worst.tolist(), strict=True):
@@ -637,6 +650,16 @@ def _warn_if_ill_conditioned(row: dict[str, float], config: RunConfig) -> bool:
         soft_wrap=True,
     )
     return True
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process (every thread) and its finished children (the
+    DataLoader workers of loaders already exhausted): an epoch's cost on a shared machine,
+    which wall-clock seconds overstate when other work competes for the cores."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -840,13 +863,15 @@ def _resumable_checkpoint(files: RunFiles, config: RunConfig) -> tuple[Checkpoin
 def _evaluate_during_training(
     model: ReidNet, config: RunConfig, device: torch.device, place: Distributed
 ) -> dict[str, float]:
-    """Rank-1 and mAP on the query/gallery split, with the same code as `reidkit evaluate`."""
+    """Rank-1, mAP and mINP on the query/gallery split, with the same code as `reidkit
+    evaluate`."""
     if not place.is_main:
         return {}
     from reidkit.engine.evaluate import evaluate_model
 
     report = evaluate_model(model, config, device=device, progress=False)
-    return {"rank1": float(report.metrics.cmc[0]), "mAP": float(report.metrics.mAP)}
+    metrics = report.metrics
+    return {"rank1": float(metrics.cmc[0]), "mAP": float(metrics.mAP), "mINP": float(metrics.mINP)}
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

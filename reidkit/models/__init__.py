@@ -1,1 +1,2 @@
-"""Models: ResNet trunk, attention modules, PCB/RPP heads."""
+"""Models: ResNet and MobileNetV2 trunks, their ImageNet weights, attention modules, PCB/RPP and
+global heads."""

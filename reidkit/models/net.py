@@ -1,4 +1,4 @@
-"""ResNet trunk + attention after chosen stages + deep supervision + PCB/RPP or global head.
+"""Trunk + attention after chosen stages + deep supervision + PCB/RPP or global head.
 
 The framework of Chen et al., "Compressed Self-Attention for Deep Metric Learning with
 Low-Rank Approximation" (IJCAI 2020), figure 3 and eq. 18, on PCB / PCB-RPP (Sun et al. 2018).
@@ -6,7 +6,9 @@ Low-Rank Approximation" (IJCAI 2020), figure 3 and eq. 18, on PCB / PCB-RPP (Sun
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -14,15 +16,68 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reidkit.errors import ConfigError
+from reidkit.models import imagenet, mobilenet, resnet
 from reidkit.models.attention import CSALR, build_attention
 from reidkit.models.global_head import GlobalHead
+from reidkit.models.imagenet import WeightSource
+from reidkit.models.mobilenet import MobileNetV2
 from reidkit.models.pcb import HeadOutput, PCBHead, RefinedPartPooling
-from reidkit.models.resnet import ResNet, build_resnet, load_imagenet_weights
+from reidkit.models.resnet import ResNet
 
 if TYPE_CHECKING:  # models/ must not import config at run time (DESIGN.md, Layout)
     from reidkit.config import RunConfig
 
-__all__ = ["NetOutput", "ReidNet", "build_model"]
+__all__ = [
+    "TRUNKS",
+    "NetOutput",
+    "ReidNet",
+    "TrunkSpec",
+    "build_model",
+    "build_trunk",
+    "load_trunk_weights",
+]
+
+Trunk = ResNet | MobileNetV2  # stem(x), stages (four), out_channels, forward(x)
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """How to build one `model.arch` and where its ImageNet weights come from."""
+
+    build: Callable[..., Trunk]  # keyword `last_stride`
+    weights: Callable[[], WeightSource]
+
+
+# One explicit table: `model.arch` -> trunk. Every trunk has the same contract (a stem, four
+# stages at strides 4 / 8 / 16 / 32, `out_channels` per stage, `last_stride`), so attention,
+# deep supervision and heads read their widths from the built trunk, never from the name.
+TRUNKS: dict[str, TrunkSpec] = {
+    "resnet18": TrunkSpec(resnet.resnet18, lambda: resnet.weight_source("resnet18")),
+    "resnet34": TrunkSpec(resnet.resnet34, lambda: resnet.weight_source("resnet34")),
+    "resnet50": TrunkSpec(resnet.resnet50, lambda: resnet.weight_source("resnet50")),
+    "mobilenet_v2": TrunkSpec(mobilenet.mobilenet_v2, mobilenet.weight_source),
+}
+
+
+def build_trunk(arch: str, *, last_stride: int = 2) -> Trunk:
+    """The trunk named `arch` (a key of TRUNKS), with random weights."""
+    if arch not in TRUNKS:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(TRUNKS)}")
+    return TRUNKS[arch].build(last_stride=last_stride)
+
+
+def load_trunk_weights(
+    trunk: Trunk,
+    arch: str,
+    path: str | Path | None = None,
+    *,
+    fetch: Callable[[str, Path], bool] | None = None,
+) -> Path:
+    """Copy `arch`'s ImageNet weights into `trunk`, strictly by name (`path`, else the file in
+    torch's hub cache, fetched when reachable); returns the file used."""
+    if arch not in TRUNKS:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(TRUNKS)}")
+    return imagenet.load_imagenet_weights(trunk, path, TRUNKS[arch].weights(), fetch=fetch)
 
 
 class NetOutput(NamedTuple):
@@ -32,7 +87,7 @@ class NetOutput(NamedTuple):
     triplet loss reads), `reduced_features` the one after it (C wide, the classifier's input).
     """
 
-    part_features: Tensor  # (B, P, C) pooled parts `g` before reduction (C = 2048 for R50)
+    part_features: Tensor  # (B, P, C) pooled parts `g`, C the trunk's last width (R50: 2048)
     reduced_features: Tensor  # (B, P, reduced) `h` after reduction + BN + ReLU
     part_logits: Tensor  # (B, P, num_ids)
     aux_logits: tuple[Tensor, ...]  # one (B, num_ids) per attention module; () without DS
@@ -48,13 +103,14 @@ class ReidNet(nn.Module):
     module (and its deep-supervision pooling) in backward instead of keeping its
     activations: less memory for more time, same gradients.
 
-    The trunk's unused ImageNet `fc` is dropped: its 2M parameters would never get a gradient,
-    which DistributedDataParallel refuses, and would only pad every checkpoint.
+    A ResNet trunk's unused ImageNet `fc` is dropped: its 2M parameters would never get a
+    gradient, which DistributedDataParallel refuses, and would only pad every checkpoint
+    (MobileNetV2 is built without its classifier).
     """
 
     def __init__(
         self,
-        trunk: ResNet,
+        trunk: Trunk,
         head: PCBHead | GlobalHead,
         *,
         attention: Mapping[int, nn.Module] | None = None,
@@ -71,7 +127,8 @@ class ReidNet(nn.Module):
                 f"the head expects {head.in_channels} channels; "
                 f"the trunk gives {trunk.out_channels[-1]}"
             )
-        trunk.fc = nn.Identity()
+        if isinstance(trunk, ResNet):
+            trunk.fc = nn.Identity()
         self.trunk = trunk
         # String keys because ModuleDict needs them; state-dict names read `attention.2.*`.
         self.attention = nn.ModuleDict({str(s): attention[s] for s in sorted(attention)})
@@ -207,15 +264,15 @@ class ReidNet(nn.Module):
 def build_model(config: RunConfig, num_ids: int) -> ReidNet:
     """ReidNet from `config.model` and `config.attention`, with `num_ids` training identities.
 
-    Loads torchvision's ImageNet weights into the trunk when `config.model.pretrained`
-    (`config.model.weights`, or torch's hub cache when empty). `model.head = "rpp"` builds the
-    RPP head directly (for loading an RPP checkpoint); a PCB -> RPP run builds PCB and calls
-    `convert_to_rpp()` when its RPP stage starts.
+    Loads the arch's ImageNet weights into the trunk when `config.model.pretrained`
+    (`config.model.weights`, or torch's hub cache when empty; see TRUNKS). `model.head =
+    "rpp"` builds the RPP head directly (for loading an RPP checkpoint); a PCB -> RPP run
+    builds PCB and calls `convert_to_rpp()` when its RPP stage starts.
     """
     m, a = config.model, config.attention
-    trunk = build_resnet(m.arch, last_stride=m.last_stride)
+    trunk = build_trunk(m.arch, last_stride=m.last_stride)
     if m.pretrained:
-        load_imagenet_weights(trunk, m.weights or None, m.arch)
+        load_trunk_weights(trunk, m.arch, m.weights or None)
     modules: dict[int, nn.Module] = {}
     if a.kind != "none":
         for stage in a.stages:

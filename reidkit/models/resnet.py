@@ -6,15 +6,14 @@ is written here and loads torchvision's ImageNet checkpoint files by their key n
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from reidkit.errors import CheckpointError, ConfigError
+from reidkit.errors import ConfigError
+from reidkit.models import imagenet
+from reidkit.models.imagenet import WEIGHTS_URL, WeightSource
 
 __all__ = [
     "IMAGENET_FILES",
@@ -24,11 +23,11 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "build_resnet",
-    "fetch_weights",
     "load_imagenet_weights",
     "resnet18",
     "resnet34",
     "resnet50",
+    "weight_source",
 ]
 
 
@@ -213,74 +212,22 @@ IMAGENET_FILES: dict[str, tuple[str, ...]] = {
     "resnet34": ("resnet34-b627a593.pth",),
     "resnet50": ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"),
 }
-WEIGHTS_URL = "https://download.pytorch.org/models/{file}"
-_REACHABILITY_TIMEOUT_S = 3.0
 
 
-def _reachable(host: str, port: int = 443, timeout: float = _REACHABILITY_TIMEOUT_S) -> bool:
-    """Whether `host:port` accepts a TCP connection within `timeout` seconds (DNS included)."""
-    answered: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                answered.append(True)
-        except OSError:
-            pass
-
-    # A thread bounds the whole probe: create_connection's timeout does not cover the name
-    # lookup, which can stall for far longer on a machine without a resolver.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered)
-
-
-def fetch_weights(url: str, destination: Path) -> bool:
-    """Download `url` to `destination` when its host answers quickly; False when unreachable.
-
-    The quick probe keeps an offline machine from waiting on a long HTTP timeout.
-    """
-    host = url.split("/")[2]
-    if not _reachable(host):
-        return False
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # Writes to a temporary file and renames it, so a broken transfer leaves no half file.
-        torch.hub.download_url_to_file(url, str(destination), progress=True)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(
-            f"downloading {url} to {destination} failed ({err}); place the file there by hand "
-            "or train from scratch with --set model.pretrained=false"
-        ) from None
-    return True
-
-
-def _find_or_fetch(arch: str, fetch: Callable[[str, Path], bool] | None) -> Path:
-    """torchvision's file for `arch` in torch's hub cache; downloaded there when reachable."""
+def weight_source(arch: str) -> WeightSource:
+    """Where torchvision's ImageNet file for `arch` is looked for and fetched from."""
     if arch not in IMAGENET_FILES:
         raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(IMAGENET_FILES)}")
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in IMAGENET_FILES[arch]:
-        if (folder / name).is_file():
-            return folder / name
     name = IMAGENET_FILES[arch][0]
     url = WEIGHTS_URL.format(file=name)
-    # Looked up at call time so tests (and callers) can swap in a fake for the network step.
-    fetch = fetch_weights if fetch is None else fetch
-    if fetch(url, folder / name):
-        return folder / name
-    raise CheckpointError(
-        f"ImageNet weights for {arch} not found and {url.split('/')[2]} is unreachable: "
-        f"place {name} in {folder} (download it elsewhere from {url}), or give its path with "
-        "--set model.weights=PATH, or train from scratch with --set model.pretrained=false"
+    return WeightSource(
+        arch=arch,
+        family="torchvision ResNet",
+        files=IMAGENET_FILES[arch],
+        download=url,
+        by_hand=f"{name} (download it elsewhere from {url})",
+        ignored=("fc.",),  # reidkit's heads replace the ImageNet classifier
     )
-
-
-def _name_keys(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{len(keys)} key(s): {shown}{more}"
 
 
 def load_imagenet_weights(
@@ -293,49 +240,9 @@ def load_imagenet_weights(
     """Copy a torchvision ImageNet checkpoint into `model`; returns the file that was used.
 
     `path=None` looks for torchvision's file name in `torch.hub.get_dir()/checkpoints` and,
-    when absent, downloads it there if the host answers within a few seconds (`fetch`, default
-    `fetch_weights`, does that step). `fc.*` is ignored on both sides (reidkit's heads replace
-    it); any other missing or unexpected key, or a shape mismatch, fails with the key names.
-    BatchNorm's `num_batches_tracked` may be absent (older files lack it; BN fills it in).
+    when absent, downloads it there if the host answers within a few seconds
+    (`reidkit.models.imagenet.load_imagenet_weights` says how). `fc.*` is ignored on both
+    sides (reidkit's heads replace it); any other missing or unexpected key, or a shape
+    mismatch, fails with the key names.
     """
-    file = _find_or_fetch(arch, fetch) if path is None else Path(path).expanduser()
-    if not file.is_file():
-        raise CheckpointError(f"weight file {file} does not exist")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many different types for a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{file} is not a loadable tensor-only PyTorch weight file ({reason})"
-        ) from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(
-            f"{file} is not a torchvision ResNet state dict (expected a flat name -> tensor "
-            "mapping)"
-        )
-
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    given = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = [k for k in expected if k not in given and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in given if k not in expected]
-    mismatched = [
-        f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in given and given[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {_name_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_name_keys(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch (file vs model) in {_name_keys(mismatched)}")
-    if problems:
-        raise CheckpointError(
-            f"{file} does not fit {arch}: {'; '.join(problems)}. Is it torchvision's {arch} file?"
-        )
-    # Every non-fc key has been checked above; strict=False only lets fc keep its own values.
-    model.load_state_dict(given, strict=False)
-    return file
+    return imagenet.load_imagenet_weights(model, path, weight_source(arch), fetch=fetch)

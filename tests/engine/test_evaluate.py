@@ -330,3 +330,17 @@ def test_rerank_scores_the_re_ranked_distances_of_the_extracted_features(
     assert reranked.metrics.mINP == pytest.approx(expected.mINP)
     # re-ranking moves this ranking, so a report that ignored it would not match
     assert abs(expected.mAP - plain.mAP) > 1e-3
+
+
+def test_a_row_measured_with_another_recipe_is_named_as_an_anchor_not_shown(tmp_path: Path):
+    # mobilenet-bot's rows are torchreid's (softmax, 256x128): even the preset's own finished
+    # run on verified Market-1501 does not get them printed as its published row
+    market = prepared(tmp_path / "market1501", dataset="market1501", variant=None, verified=True)
+    config = load_preset("mobilenet-bot", ["data.dataset=market1501"])
+    reference = paper_reference(config, market, epoch=config.train.epochs)
+    assert reference.row is None
+    assert reference.note == (
+        "preset mobilenet-bot's market1501 row (torchreid model zoo, mobilenetv2_x1_0: R1 85.6 "
+        "/ mAP 67.3) was measured with another recipe (ImageNet start, cross-entropy only, "
+        "256x128): an anchor to read the run against, not the same measurement"
+    )

@@ -18,10 +18,15 @@ DataConfig
   workers           does not change what is trained, only where images are decoded (a
                     resumable change, RESUMABLE_CHANGES); tests/data/test_loading.py
 ModelConfig
-  arch              test_build_model_takes_arch_last_stride_parts_reduced_and_head
-  pretrained, weights  test_build_model_loads_the_configured_weight_file
+  arch              test_build_model_takes_arch_last_stride_parts_reduced_and_head,
+                    mobilenet_v2: test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
+                    (every width read from the trunk: modules 24 / 32 / 96, head 1280)
+  pretrained, weights  test_build_model_loads_the_configured_weight_file,
+                    test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net (the shared
+                    ImageNet file, tensor by tensor; either layout)
   last_stride, parts, reduced, head (rpp built directly)
-                    test_build_model_takes_arch_last_stride_parts_reduced_and_head
+                    test_build_model_takes_arch_last_stride_parts_reduced_and_head,
+                    test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
   head (PCB -> RPP in fit)  test_fit_stages_schedule_and_optimiser_follow_the_config
   dropout           test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
   shared_reduction  test_build_model_takes_arch_last_stride_parts_reduced_and_head
@@ -99,7 +104,13 @@ Deliberate breakages tried, one at a time, each reverted (the test that failed):
       test_head_dropout_drops_the_configured_fraction_of_pooled_stripes
   - shared_reduction not passed: test_build_model_takes_arch_last_stride_parts_reduced_and_head
   - last_stride not passed: test_build_model_takes_arch_last_stride_parts_reduced_and_head
-  - weights ignored: test_build_model_loads_the_configured_weight_file
+  - weights ignored: test_build_model_loads_the_configured_weight_file,
+      test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
+  - MobileNetV2 last_stride ignored (features.14 kept at stride 2):
+      test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net
+  - MobileNetV2 stage split moved (stage 3 ending at features.12: the same widths and map
+      sizes, so only the values tell): tests/models/test_mobilenet.py
+  - torchvision's key mapping dropped: tests/models/test_mobilenet.py
   - flip probability ignored (0.5):
       test_fit_training_images_are_flipped_and_erased_as_configured
       test_loader_flip_probability_reaches_the_images
@@ -736,3 +747,43 @@ def test_fit_clips_to_grad_clip_and_initialises_from_the_seed(
     torch.manual_seed(0)
     other = build_model(config, 8).state_dict()
     assert not all(torch.equal(start[k], v) for k, v in other.items())
+
+
+def test_mobilenet_v2_arch_weights_and_last_stride_reach_the_net(
+    tiny_config, mobilenet_weights: Path
+):
+    from reidkit.models.mobilenet import MobileNetV2
+
+    shared = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    sets = ("model.arch=mobilenet_v2", "model.pretrained=true")
+    sets += (f"model.weights={mobilenet_weights}",)
+    net = build_model(tiny_config(*sets, "attention.kind=csalr", "model.reduced=40"), 8).eval()
+    assert isinstance(net.trunk, MobileNetV2)
+    trunk = net.trunk.state_dict()
+    assert trunk.keys() == shared.keys()
+    assert all(torch.equal(trunk[k], v) for k, v in shared.items())
+    # every width comes from the trunk: 24 / 32 / 96 channels after stages 1-3, 1280 after 4
+    widths = {key: module.channels for key, module in net.attention.items()}
+    assert widths == {"1": 24, "2": 32, "3": 96}
+    assert {k: c.in_features for k, c in net.aux_classifiers.items()} == widths
+    assert net.head.reduce.weight.shape == (6, 1280, 40)
+    images = torch.randn(2, 3, 96, 32)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda _m, x: seen.append(x[0].shape[1:]))
+             for m in net.attention.values()]  # fmt: skip
+    with torch.no_grad():
+        fmap, aux = net.forward_features(images)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [(24, 24, 8), (32, 12, 4), (96, 6, 2)]  # strides 4, 8, 16
+    assert fmap.shape == (2, 1280, 6, 2) and [a.shape for a in aux] == [(2, 8)] * 3  # 1/16
+    out = net(images)
+    assert out.part_features.shape == (2, 6, 1280) and out.reduced_features.shape == (2, 6, 40)
+    # last stride 2: the final map at 1/32; a global head reads 1280 channels too
+    plain = build_model(tiny_config(*sets, "model.last_stride=2", "model.head=global"), 8).eval()
+    with torch.no_grad():
+        assert plain.forward_features(images)[0].shape == (2, 1280, 3, 1)
+    assert plain.head.bn.num_features == 1280 and plain.head.classifier.weight.shape == (8, 1280)
+    # model.pretrained=false ignores the file
+    scratch = build_model(tiny_config(*sets, "model.pretrained=false"), 8).trunk.state_dict()
+    assert not torch.equal(scratch["features.5.conv.3.weight"], shared["features.5.conv.3.weight"])

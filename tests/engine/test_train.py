@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -348,3 +349,49 @@ def test_evaluation_during_training_is_recorded_per_evaluated_epoch(
     report = evaluate_model(model, state.config, progress=False)
     assert metrics["rank1"].iloc[1] == pytest.approx(report.metrics.rank(1), abs=1e-12)
     assert metrics["mAP"].iloc[1] == pytest.approx(report.metrics.mAP, abs=1e-12)
+    assert metrics["mINP"].iloc[1] == pytest.approx(report.metrics.mINP, abs=1e-12)
+
+
+def test_epoch_rows_hold_each_gates_mean_over_the_steps_and_the_epochs_cpu_time(
+    tiny_config, tmp_path: Path, monkeypatch
+):
+    after_steps: list[dict[int, float]] = []  # each module's alpha after each step
+    real_build = train_module._build_optimizer
+
+    def recording(model, config):
+        optimizer = real_build(model, config)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            after_steps.append({int(s): m.alpha.item() for s, m in model.attention.items()})
+            return out
+
+        optimizer.step = step
+        return optimizer
+
+    clock = iter([100.0, 103.5])  # the CPU clock read at the epoch's start and end
+    monkeypatch.setattr(train_module, "_build_optimizer", recording)
+    monkeypatch.setattr(train_module, "_cpu_seconds", lambda: next(clock))
+    fit(tiny_config("train.epochs=1", "train.lr=0.05"), tmp_path / "run", progress=False)
+    row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
+    assert row["cpu_seconds"] == pytest.approx(3.5)
+    assert len(after_steps) == 6  # 48 images in batches of 8
+    for stage in (1, 2, 3):
+        mean = sum(step[stage] for step in after_steps) / len(after_steps)
+        assert row[f"alpha_stage{stage}"] == pytest.approx(mean, rel=1e-6, abs=1e-12)
+        assert after_steps[-1][stage] != 0  # the gate trained away from its initial 0
+
+
+def test_cpu_seconds_count_this_process_and_its_finished_children_not_waiting():
+    start, burnt = train_module._cpu_seconds(), time.process_time()
+    while time.process_time() - burnt < 0.3:
+        pass  # 0.3 s of this process's CPU, however long other work keeps the cores
+    assert train_module._cpu_seconds() - start >= 0.3
+    start = train_module._cpu_seconds()
+    time.sleep(0.3)
+    assert train_module._cpu_seconds() - start < 0.1  # waiting costs no CPU
+    start = train_module._cpu_seconds()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # a child, like a loader worker
+    assert train_module._cpu_seconds() - start >= 0.25

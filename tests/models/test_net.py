@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from reidkit.config import RunConfig, apply_overrides
 from reidkit.errors import CheckpointError, ConfigError
+from reidkit.models import imagenet
 from reidkit.models import net as net_module
-from reidkit.models import resnet
 from reidkit.models.attention import build_attention
 from reidkit.models.net import NetOutput, ReidNet, build_model
 from reidkit.models.pcb import PCBHead, RefinedPartPooling, StripePooling
@@ -335,7 +335,7 @@ def test_build_model_loads_imagenet_weights_into_the_trunk(tmp_path):
 
 def test_build_model_pretrained_offline_without_file_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(resnet, "fetch_weights", lambda url, destination: False)
+    monkeypatch.setattr(imagenet, "fetch_weights", lambda url, destination: False)
     with pytest.raises(CheckpointError) as info:
         build_model(config("model.pretrained=true"), 3)
     message = str(info.value)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reidkit.errors import CheckpointError, ConfigError
-from reidkit.models import resnet
+from reidkit.models import imagenet
 from reidkit.models.resnet import (
     RESNETS,
     build_resnet,
@@ -283,8 +283,8 @@ def test_missing_file_offline_is_one_line_naming_file_folder_and_fix(hub, monkey
         ("https://download.pytorch.org/models/resnet18-f37072fd.pth", hub / "resnet18-f37072fd.pth")
     ]
 
-    # The default network step is the module's `fetch_weights`, looked up at call time.
-    monkeypatch.setattr(resnet, "fetch_weights", _no_network)
+    # The default network step is imagenet's `fetch_weights`, looked up at call time.
+    monkeypatch.setattr(imagenet, "fetch_weights", _no_network)
     with pytest.raises(CheckpointError, match="resnet50-0676ba61.pth"):
         load_imagenet_weights(resnet18(), None, "resnet50")
 
@@ -304,11 +304,11 @@ def test_fetched_file_is_loaded(hub):
 
 def test_fetch_weights_downloads_nothing_when_host_is_unreachable(tmp_path, monkeypatch):
     # No real network: the probe is replaced by one that reports every host as unreachable.
-    monkeypatch.setattr(resnet, "_reachable", lambda host, *a, **k: False)
+    monkeypatch.setattr(imagenet, "_reachable", lambda host, *a, **k: False)
     monkeypatch.setattr(
         torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download")
     )
-    assert resnet.fetch_weights("https://example.invalid/x.pth", tmp_path / "x.pth") is False
+    assert imagenet.fetch_weights("https://example.invalid/x.pth", tmp_path / "x.pth") is False
     assert not (tmp_path / "x.pth").exists()
 
 
@@ -320,10 +320,10 @@ def test_reachability_probe_is_bounded_even_when_the_lookup_stalls(monkeypatch):
         release.wait(10)
         raise OSError("lookup stalled")
 
-    monkeypatch.setattr(resnet.socket, "create_connection", stalled_connection)
+    monkeypatch.setattr(imagenet.socket, "create_connection", stalled_connection)
     start = time.perf_counter()
     try:
-        assert resnet._reachable("download.pytorch.org", timeout=0.2) is False
+        assert imagenet._reachable("download.pytorch.org", timeout=0.2) is False
         assert time.perf_counter() - start < 2
     finally:
         release.set()  # let the abandoned probe thread finish
