@@ -7,10 +7,10 @@
 
 Two parts, printed as one table:
 
-1. cost: one training step of ResNet-50 PCB, PCB+CSALR (2 groups, 96 landmarks) and the
-   pre-rewrite CSALR (bench/attention_before.py), batch 64 at 384x128, in float32 and under
-   bf16 autocast: ms/step, images/s, peak GPU memory, and the increase over PCB (the paper's
-   Table 5 reads +26.4% time and +39.7% memory per image for 2 groups);
+1. cost: one training step of ResNet-50 PCB and PCB+CSALR (2 groups, 96 landmarks), batch 64
+   at 384x128, in float32 and under bf16 autocast: ms/step, images/s, peak GPU memory, and the
+   increase over PCB (the paper's Table 5 reads +26.4% time and +39.7% memory per image for 2
+   groups);
 2. training: `reidkit train` from scratch (no ImageNet file on such a machine) on the shared
    cuhk03-subset for a few hundred steps per preset (default pcb-csalr with the paper's
    landmark weight 1, the same with 2, and the strong baseline bot against bot-csalr, whose
@@ -41,7 +41,7 @@ SUBSETS = (
     REPO.parent / "shared" / "data" / "cuhk03-subset",
     REPO / "shared" / "data" / "cuhk03-subset",
 )
-COST_MODELS = ("pcb", "pcb-csalr-g2", "pcb-csalr-g2-before")
+COST_MODELS = ("pcb", "pcb-csalr-g2")
 # A run of a few epochs would spend them all in the bot presets' 10-epoch warm-up (at 1-20%
 # of the rate); one epoch of warm-up keeps its purpose, a gentle start for Adam.
 SHORT_WARMUP = ["train.warmup_epochs=1"]
