@@ -259,7 +259,10 @@ def build_torchreid(source: Path) -> tuple[Callable | None, str]:
             built = [cached / found[0].name]
     spec = importlib.util.spec_from_file_location("rank_cy", built[0])
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as err:  # built for another numpy, or a damaged file in the cache
+        return None, f"loading {built[0]} failed ({err}); delete {cached} to rebuild it"
     return module.evaluate_cy, how
 
 
