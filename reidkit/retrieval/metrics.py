@@ -19,8 +19,11 @@ METRICS: tuple[str, ...] = ("cosine", "euclidean", "sqeuclidean")
 
 # Query-gallery entries ranked at a time when no chunk size is given: the working set is
 # about 15 bytes an entry (a float32 block, its int64 histogram cells, two boolean masks),
-# some 130 MB at 2^23 whatever the gallery size: 527 Market queries, 102 of MSMT17's.
-CHUNK_ENTRIES = 1 << 23
+# some 8 MB at 2^19 whatever the gallery size: 32 Market queries, 6 of MSMT17's. Small, so
+# that the dozen numpy passes over a chunk run from the processor's cache instead of main
+# memory: on Market-sized distances, strong, weak or evenly spread (every entry counted),
+# chunks of 2^19 ranked 1.4-1.5x faster than chunks of 2^23 (bench/RESULTS.md).
+CHUNK_ENTRIES = 1 << 19
 # Query-gallery distances computed per product when ranking features: 128 MiB of float32.
 # BLAS packs the whole gallery once per product, so thin products run below its speed: on
 # the project's CPU, 2,048-d against MSMT17's gallery, 102 query rows ran at 82 GFLOP/s and
@@ -347,12 +350,11 @@ def _histogram_shortlist(
     is_match_cell[m_cells] = True
     shortlist = is_match_cell[cells]
     del cells
-    # Entries before each cell of its row, leaving out the match cells (their entries stay
-    # in the shortlist and are ranked exactly).
-    counts[is_match_cell] = 0
-    counts = counts.reshape(num_rows, bins + 1)
-    before = (np.cumsum(counts, axis=1) - counts).ravel()
-    lower = before[m_cells]
+    # Entries before each match's cell in its row, leaving out the match cells (their entries
+    # stay in the shortlist and are ranked exactly): with those emptied, the running count up
+    # to and including a match's cell is the count before it.
+    counts[m_cells] = 0
+    lower = np.cumsum(counts.reshape(num_rows, bins + 1), axis=1).ravel()[m_cells]
     irregular = np.flatnonzero(~regular)
     shortlist[irregular] = candidates[irregular]
     lower[~regular[m_rows]] = 0
