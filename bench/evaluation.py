@@ -228,13 +228,13 @@ def build_torchreid(source: Path) -> tuple[Callable | None, str]:
     pyx = source / RANK_CY if source.is_dir() else source
     if not pyx.is_file():
         return None, f"no torchreid source at {pyx}"
+    text = pyx.read_bytes()  # the file first: a wrong file is news whatever is installed
+    if b"eval_market1501_cy" not in text:
+        return None, f"{pyx} is not torchreid's rank_cy.pyx (no eval_market1501_cy in it)"
     if importlib.util.find_spec("Cython") is None:
         return None, "Cython is not installed (pip install cython)"
     import Cython
 
-    text = pyx.read_bytes()
-    if b"eval_market1501_cy" not in text:
-        return None, f"{pyx} is not torchreid's rank_cy.pyx (no eval_market1501_cy in it)"
     versions = f"{sys.version}|{np.__version__}|{Cython.__version__}".encode()
     key = hashlib.sha256(text + versions).hexdigest()[:16]
     cached = peer_cache() / f"torchreid-rank_cy-{key}"
