@@ -198,6 +198,9 @@ def export_onnx(
     batches, source = check_batches(config, check_images)
     steps, floor = solve_steps(net, batches)
     wrapper = EmbeddingNet(net, config.eval.feature, config.eval.flip).eval()
+    # PyTorch's own features first: a model that overflows is refused in a second, before
+    # torch's exporter spends its ~20 s tracing it
+    _check_finite(wrapper, batches, out)
     example = torch.zeros(2, 3, config.data.height, config.data.width)
     metadata = {
         MARK_KEY: MARK,  # reidkit's own file: a later export may replace it
@@ -268,6 +271,20 @@ def _set_solve_steps(net: nn.Module, steps: int | None) -> None:
             module.solve_iterations = steps
 
 
+def _non_finite(side: str) -> str:
+    return (
+        f"{side} gives NaN or infinite features for the check images, so the export cannot be "
+        "checked; the model's weights overflow or are damaged: export an intact checkpoint"
+    )
+
+
+@torch.no_grad()
+def _check_finite(wrapper: EmbeddingNet, batches, out: Path) -> None:
+    for images in batches:
+        if not torch.isfinite(wrapper(images)).all():
+            raise NumericalError(f"{_non_finite('PyTorch')}; nothing was written to {out}")
+
+
 @torch.no_grad()
 def _check(onnxruntime, path: Path, wrapper: EmbeddingNet, batches) -> float | None:
     """The smallest per-image cosine between onnxruntime's and PyTorch's features."""
@@ -281,11 +298,7 @@ def _check(onnxruntime, path: Path, wrapper: EmbeddingNet, batches) -> float | N
         # min() skips a NaN cosine (every comparison with NaN is false): check explicitly
         for side, features in (("onnxruntime", got), ("PyTorch", want)):
             if not np.isfinite(features).all():
-                raise NumericalError(
-                    f"{side} gives NaN or infinite features for the check images, so the export "
-                    "cannot be checked; the model's weights overflow or are damaged: export an "
-                    "intact checkpoint"
-                )
+                raise NumericalError(_non_finite(side))
         worst = min(worst, float(np.min(np.sum(got * want, axis=1))))
     return worst
 

@@ -128,16 +128,22 @@ def test_non_finite_features_are_refused_by_evaluate_extract_search_and_the_api(
         GalleryIndex.build(np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 1.0]]))
 
 
-def test_export_of_a_model_with_non_finite_features_fails_its_check(overflowing, tmp_path):
+def test_export_of_a_model_with_non_finite_features_fails_its_check(
+    overflowing, tmp_path, monkeypatch
+):
     pytest.importorskip("onnxruntime")
     from reidkit.engine.export import export_onnx
 
+    traced = []
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: traced.append(1))
     out = tmp_path / "model.onnx"
     with pytest.raises(
-        NumericalError, match=f"NaN or infinite features.*nothing was written to {out}"
+        NumericalError,
+        match=f"PyTorch gives NaN or infinite features.*nothing was written to {out}",
     ):
         export_onnx(overflowing, out)
     assert list(tmp_path.iterdir()) == []
+    assert traced == []  # refused on PyTorch's features, before the exporter's long trace
 
 
 # ------------------------------------------------------------------ interrupted saves
