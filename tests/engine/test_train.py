@@ -59,7 +59,7 @@ def test_curves_png_is_drawn_after_the_first_epoch_then_when_the_run_stops(
 
     monkeypatch.setattr(train_module, "save_curves", recorded)
     monkeypatch.setattr(train_module, "_train_one_epoch", stopped_in_epoch_3)
-    config, run = tiny_config("train.epochs=3"), tmp_path / "run"
+    config, run = tiny_config("train.epochs=4"), tmp_path / "run"
     with pytest.raises(train_module.Interrupted):
         fit(config, run, progress=False)
     # epoch 1 at once; epoch 2 within half a minute of it is not redrawn until the stop,
@@ -67,7 +67,8 @@ def test_curves_png_is_drawn_after_the_first_epoch_then_when_the_run_stops(
     assert drawn == [[1], [1, 2]]
     monkeypatch.setattr(train_module, "_train_one_epoch", real_epoch)
     fit(config, run, progress=False, resume=True)
-    assert drawn == [[1], [1, 2], [1, 2, 3]]  # the finished run's picture shows every epoch
+    # the resumed run's first epoch at once, its last (seconds later) when it ends
+    assert drawn == [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
