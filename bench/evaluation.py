@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import importlib.util
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import NamedTuple
 if __package__ in (None, ""):  # run as `python bench/evaluation.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import write_rows_json  # noqa: E402 - after the path set-up above
+from measure import cpu_model, load_average, write_rows_json  # noqa: E402 - after the path set-up
 
 # Market-1501 test split: 750 query identities, 3,368 queries, 15,913 gallery images of which
 # 2,793 are distractors (pid 0), 6 cameras.
@@ -366,24 +365,6 @@ def target_line(rows, peer) -> str:
         f"target (issue 22): reidkit's metric step >= 3x faster than torchreid's compiled "
         f"evaluate_cy on every distribution: {verdict} (least: {ratios[worst]:.1f}x, {worst})"
     )
-
-
-def cpu_model() -> str:
-    """The processor's name as Linux reports it (platform.processor() is often empty)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 # torchreid sums AP and CMC in float32 (per query and over the queries), reidkit in float64;
