@@ -87,6 +87,7 @@ if __package__ in (None, ""):  # run as `python bench/real_data.py` from a check
 
 from reidkit.config import RunConfig, data_root, load_preset  # noqa: E402
 from reidkit.data.prepare import prepare_dataset  # noqa: E402
+from reidkit.outputs import atomic_write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SUBSET = REPO.parent / "shared" / "data" / "cuhk03-subset"
@@ -146,6 +147,16 @@ RESULT_COLUMNS = (
     "recipe", "seed", "minutes", "steps", "epochs", "images", "lr", "loss", "loss_parts",
     "loss_triplet", "loss_ds", "train_accuracy", "rank1", "mAP", "status",
 )  # fmt: skip
+
+
+def save_png(fig, png: Path) -> None:
+    """Write the figure by reidkit's own temporary-name-and-rename, then free it."""
+    import matplotlib.pyplot as plt
+
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(png) as temporary:
+        fig.savefig(temporary, dpi=110, format="png")
+    plt.close(fig)
 
 
 def recipe_overrides(recipe: str) -> list[str]:
@@ -371,11 +382,7 @@ def plot_results(results: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    temporary = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    os.replace(temporary, png)
+    save_png(fig, png)
     return png
 
 
@@ -600,11 +607,7 @@ def plot_finetune(folder: Path, png: Path) -> tuple[Path, str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    temporary = png.with_name(f".{png.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    os.replace(temporary, png)
+    save_png(fig, png)
     return png, finetune_table(results)
 
 
